@@ -1,0 +1,33 @@
+"""The frozen CLIP backbone shared by every zsad method."""
+
+from zsad.backbone.clip import (
+    DEFAULT_BACKBONE,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    BackboneWeightsNotFoundError,
+    CLIPBackbone,
+    VisionOutput,
+    architecture_config,
+    create_backbone,
+    list_architectures,
+)
+from zsad.backbone.dpam import vv_attention_block
+from zsad.backbone.prompts import PromptTemplate, run_text_tower
+from zsad.backbone.tokenizer import CLIPBPETokenizer, get_tokenizer
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "BackboneWeightsNotFoundError",
+    "CLIPBPETokenizer",
+    "CLIPBackbone",
+    "PromptTemplate",
+    "VisionOutput",
+    "architecture_config",
+    "create_backbone",
+    "get_tokenizer",
+    "list_architectures",
+    "run_text_tower",
+    "vv_attention_block",
+]

@@ -1,0 +1,6 @@
+"""zsad's ZSAD methods; each is an anomalib ``AnomalibModule`` usable from anomalib's Engine and CLI."""
+
+from zsad.methods.base import ZSADModule, count_parameters
+from zsad.methods.learnable_vectors import LearnableVectors
+
+__all__ = ["LearnableVectors", "ZSADModule", "count_parameters"]

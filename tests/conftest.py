@@ -22,3 +22,42 @@ def tiny_backbone():
     from zsad.backbone import create_backbone
 
     return create_backbone("tiny", weights="random", image_size=98)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generated datasets (zsad.data.synthetic), one per session and layout. Treat them as read-only: tests that need to
+# break a dataset generate their own copy (it takes milliseconds). The VisA fixture is the raw download layout;
+# anomalib's Visa.prepare_data (run by any VisA datamodule) adds its converted visa_pytorch/ tree next to it.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mvtec_like_root(tmp_path_factory):
+    """MVTec-layout dataset, domain "a": categories alpha/beta, 64 px, 4 train / 3 good / 4x3 defect images each."""
+    from zsad.data.synthetic import make_mvtec_like
+
+    return make_mvtec_like(tmp_path_factory.mktemp("mvtec_like_a"), domain="a")
+
+
+@pytest.fixture(scope="session")
+def mvtec_like_root_b(tmp_path_factory):
+    """MVTec-layout dataset in the other visual domain ("b"), for cross-dataset tests."""
+    from zsad.data.synthetic import make_mvtec_like
+
+    return make_mvtec_like(tmp_path_factory.mktemp("mvtec_like_b"), domain="b")
+
+
+@pytest.fixture(scope="session")
+def visa_like_root(tmp_path_factory):
+    """Raw VisA layout (split_csv/1cls.csv, class-id masks), categories candle/capsules, 64x96 JPEGs."""
+    from zsad.data.synthetic import make_visa_like
+
+    return make_visa_like(tmp_path_factory.mktemp("visa_like"))
+
+
+@pytest.fixture(scope="session")
+def gogan_like_root(tmp_path_factory):
+    """Gogan layout (nunozumi/tanizumi, tanizumi without exudate), 64 px PNGs to keep tests fast."""
+    from zsad.data.synthetic import make_gogan_like
+
+    return make_gogan_like(tmp_path_factory.mktemp("gogan_like"), size=64)

@@ -6,5 +6,10 @@ Importing ``zsad`` imports its methods and datamodules, so anomalib resolves the
 
 __version__ = "0.1.0"
 
+import warnings
+
+# anomalib's own imports emit deprecation chatter (timm.models.layers, dinov2) that zsad users cannot act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(timm|anomalib)\.")
+
 from zsad import data, methods  # noqa: E402,F401
 from zsad.methods import *  # noqa: E402,F401,F403

@@ -86,11 +86,11 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ZSADCLI:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``zsad``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        _extra_command(argv[0])(argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        _extra_command(args[0])(args[1:])
         return
-    build_cli(argv)
+    build_cli(None if argv is None else args)
 
 
 if __name__ == "__main__":

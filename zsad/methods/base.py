@@ -11,6 +11,9 @@ plugin registry (``shared/specs/ecosystem.md`` §2). The mixin supplies the ZSAD
   ``predict_step`` write ``pred_score`` and ``anomaly_map`` into the batch in place (anomalib's contract).
 * Checkpoints hold the trainable parameters only (kilobytes, not the 1.2 GB frozen CLIP) plus the backbone identity;
   loading rebuilds the frozen backbone from the hyper-parameters.
+* Frozen-feature cache: a method whose ``compute_loss`` reads features through :meth:`ZSADModule.batch_features`
+  sets ``supports_feature_cache = True``; a ``feature_cache`` attribute (the method's ``feature_cache`` argument)
+  then attaches :class:`zsad.backbone.cache.FeatureCache`, and training runs over stored encoder features.
 
 A method defines only its torch model (``self.model``, which owns the :class:`~zsad.backbone.CLIPBackbone` as
 ``self.model.backbone``), its loss and its optimiser.
@@ -51,6 +54,14 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _batch_size(batch: Any) -> int | None:  # noqa: ANN401
+    image = getattr(batch, "image", None)
+    if image is not None:
+        return len(image)
+    features = getattr(batch, "features", None)
+    return len(next(iter(features.values()))) if features else None
+
+
 class ZSADModule:
     """Mixin with the shared ZSAD behaviour; put it *before* ``AnomalibModule`` in the bases.
 
@@ -62,6 +73,10 @@ class ZSADModule:
     model: nn.Module
     #: Frozen CLIP weights are rebuilt from the hyper-parameters, so checkpoints omit them and loading is not strict.
     strict_loading = False
+    #: ``compute_loss`` reads frozen features via :meth:`batch_features`, so training can replay cached features.
+    supports_feature_cache: bool = False
+    #: Cache directory of frozen features (``None``: no cache); methods set it from their ``feature_cache`` argument.
+    feature_cache: str | None = None
 
     # -- anomalib components ----------------------------------------------------------------------------------------
 
@@ -121,6 +136,25 @@ class ZSADModule:
         prefixes = tuple(self._frozen_prefixes())
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
 
+    def configure_callbacks(self):  # noqa: ANN201 - Sequence[Callback]
+        """anomalib's component callbacks, plus the feature cache when ``feature_cache`` is set."""
+        callbacks = list(super().configure_callbacks())
+        if self.feature_cache:
+            from zsad.backbone.cache import FeatureCache
+
+            callbacks.append(FeatureCache(cache_dir=str(self.feature_cache)))
+        return callbacks
+
+    def batch_features(self, batch: Any) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:  # noqa: ANN401
+        """Frozen features of a batch and the input size they belong to.
+
+        From the store for a :class:`~zsad.backbone.cache.CachedFeatureBatch`, else ``self.model.encode(images)``.
+        """
+        features = getattr(batch, "features", None)
+        if features is not None:
+            return features, tuple(int(s) for s in batch.image_size)
+        return self.model.encode(batch.image), tuple(int(s) for s in batch.image.shape[-2:])
+
     # -- steps ------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:  # noqa: ANN401
@@ -132,7 +166,7 @@ class ZSADModule:
         """Compute and log the loss."""
         out = self.compute_loss(batch)
         terms = out if isinstance(out, dict) else {"loss": out}
-        batch_size = len(batch.image) if hasattr(batch, "image") else None
+        batch_size = _batch_size(batch)
         for name, value in terms.items():
             key = "train_loss" if name == "loss" else f"train/{name}"
             self.log(key, value.detach(), prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)

@@ -28,10 +28,16 @@ from zsad.backbone import CLIPBackbone
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 
 LayerWeighting = Literal["softmax", "fixed"]
+ImageScore = Literal["global", "global+max"]
+
+
+def pair_logits(features: torch.Tensor, pair: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[..., 2]`` logits ``sim(z, f_n)/τ, sim(z, f_a)/τ`` (cosine similarities, vectors normalised here)."""
+    return F.normalize(features, dim=-1) @ F.normalize(pair, dim=-1).T / temperature
 
 
 def pair_probability(features: torch.Tensor, pair: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``P(z, f_a)``: 2-way softmax over cosine similarities to ``pair = (f_n, f_a)``.
+    """``P(z, f_a)``: 2-way softmax over cosine similarities to ``pair = (f_n, f_a)`` (Eq. 1 of the seed).
 
     Args:
         features: ``[..., D]`` features ``z``.
@@ -41,8 +47,7 @@ def pair_probability(features: torch.Tensor, pair: torch.Tensor, temperature: fl
     Returns:
         ``[...]`` abnormal probabilities.
     """
-    logits = F.normalize(features, dim=-1) @ F.normalize(pair, dim=-1).T / temperature
-    return logits.softmax(dim=-1)[..., 1]
+    return pair_logits(features, pair, temperature).softmax(dim=-1)[..., 1]
 
 
 class LearnableVectorsModel(nn.Module):
@@ -60,6 +65,8 @@ class LearnableVectorsModel(nn.Module):
         init_std: Standard deviation of the vectors' normal initialisation.
         upsample_mode: Interpolation of the layer maps to the input size (bilinear, ``align_corners=False``).
         dpam_start: Score DPAM value-value tokens from this layer on instead of the residual stream (ablation).
+        image_score: ``"global"`` (``s = P(x, f_a)``, faithful) or ``"global+max"`` (mean of ``s`` and the maximum of
+            the smoothed test map; ablation).
     """
 
     def __init__(
@@ -74,10 +81,14 @@ class LearnableVectorsModel(nn.Module):
         init_std: float = 0.02,
         upsample_mode: Literal["bilinear", "bicubic"] = "bilinear",
         dpam_start: int | None = None,
+        image_score: ImageScore = "global",
     ) -> None:
         super().__init__()
         if layer_weighting not in ("softmax", "fixed"):
             msg = f"layer_weighting must be 'softmax' or 'fixed', got {layer_weighting!r}."
+            raise ValueError(msg)
+        if image_score not in ("global", "global+max"):
+            msg = f"image_score must be 'global' or 'global+max', got {image_score!r}."
             raise ValueError(msg)
         self.backbone = backbone
         self.layers = tuple(layers)
@@ -86,6 +97,7 @@ class LearnableVectorsModel(nn.Module):
         self.shared_vectors = shared_vectors
         self.upsample_mode = upsample_mode
         self.dpam_start = dpam_start
+        self.image_score = image_score
         dim = backbone.embed_dim
         n_pairs = 1 if shared_vectors else 1 + len(self.layers)
         # vectors[0] = (f_n, f_a) of the image level, vectors[1 + l] = (f_n^(l), f_a^(l)).
@@ -112,6 +124,15 @@ class LearnableVectorsModel(nn.Module):
         return self.vectors[1:]
 
     @torch.no_grad()
+    def set_vectors(self, pair: torch.Tensor) -> None:
+        """Set every pair to ``pair`` ``[2, D]`` (e.g. frozen-CLIP text features of a normal / a damaged prompt)."""
+        self.vectors.copy_(pair.to(self.vectors).unsqueeze(0).expand_as(self.vectors))
+
+    def encode_config(self) -> dict[str, object]:
+        """What :meth:`encode` depends on besides the backbone and the input (the feature cache's key)."""
+        return {"layers": list(self.layers), "global_ln_post": self.global_ln_post, "dpam_start": self.dpam_start}
+
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen features: ``global`` ``[B, D]`` and ``patches`` ``[B, L, N, D]`` (projected, not normalised)."""
         out = self.backbone.encode_image(
@@ -128,28 +149,44 @@ class LearnableVectorsModel(nn.Module):
         features: dict[str, torch.Tensor],
         image_size: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
-        """Score frozen features.
+        """Score frozen features (the learnable head; runs on fresh or cached :meth:`encode` output).
+
+        Args:
+            features: :meth:`encode` output, ``global`` ``[B, D]`` and ``patches`` ``[B, L, N, D]``.
+            image_size: ``(H, W)`` of the input the features come from; ``N = (H / patch) · (W / patch)``.
 
         Returns:
-            ``image_score`` ``[B]`` (``s``), ``layer_maps`` ``[B, L, h, w]`` (``S^(l)``) and ``anomaly_map``
-            ``[B, H, W]`` (``M``, unsmoothed).
+            ``image_score`` ``[B]`` (``s``), ``image_logits`` ``[B, 2]`` (``cos/τ`` to ``(f_n, f_a)``),
+            ``layer_maps`` ``[B, L, h, w]`` (``S^(l)``) and ``anomaly_map`` ``[B, H, W]`` (``M``, unsmoothed).
         """
         patches = features["patches"].float()
-        n = patches.shape[2]
-        side = int(round(n**0.5))
-        image_score = pair_probability(features["global"].float(), self.image_pair(), self.temperature)
-        # [B, L, N]: each layer against its own pair (einsum over normalised vectors).
+        grid = (image_size[0] // self.backbone.patch_size, image_size[1] // self.backbone.patch_size)
+        if grid[0] * grid[1] != patches.shape[2]:
+            msg = f"{patches.shape[2]} patch tokens do not tile a {image_size} input ({grid[0]}x{grid[1]} patches)."
+            raise ValueError(msg)
+        image_logits = pair_logits(features["global"].float(), self.image_pair(), self.temperature)
+        # [B, L, N, 2]: each layer's patches against that layer's own pair.
         pairs = F.normalize(self.layer_pairs(), dim=-1)
         logits = torch.einsum("blnd,lcd->blnc", F.normalize(patches, dim=-1), pairs) / self.temperature
-        layer_maps = patches_to_grid(logits.softmax(dim=-1)[..., 1].flatten(0, 1), (side, side))
-        layer_maps = layer_maps.view(patches.shape[0], len(self.layers), side, side)
+        batch, n_layers = patches.shape[:2]
+        layer_maps = patches_to_grid(logits.softmax(dim=-1)[..., 1].flatten(0, 1), grid)
+        layer_maps = layer_maps.reshape(batch, n_layers, *grid)
         upsampled = upsample(layer_maps, image_size, mode=self.upsample_mode, align_corners=False)
         anomaly_map = torch.einsum("blhw,l->bhw", upsampled, self.layer_weights)
-        return {"image_score": image_score, "layer_maps": layer_maps, "anomaly_map": anomaly_map}
+        return {
+            "image_score": image_logits.softmax(dim=-1)[:, 1],
+            "image_logits": image_logits,
+            "layer_maps": layer_maps,
+            "anomaly_map": anomaly_map,
+        }
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | InferenceBatch:
         """Training: the dict of :meth:`forward_features`; evaluation: an ``InferenceBatch`` with the smoothed map."""
         out = self.forward_features(self.encode(images), tuple(images.shape[-2:]))
         if self.training:
             return out
-        return InferenceBatch(pred_score=out["image_score"], anomaly_map=self.smoothing(out["anomaly_map"]))
+        anomaly_map = self.smoothing(out["anomaly_map"])
+        score = out["image_score"]
+        if self.image_score == "global+max":
+            score = 0.5 * (score + anomaly_map.flatten(1).amax(dim=1))
+        return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)

@@ -36,6 +36,12 @@ import torch
 
 SIDE = 518
 DEFAULT_PIXELS = 168 * SIDE * SIDE
+# MVTec AD test images per category (good + defective): 1,725 images, 462.9 M pixels at 518 x 518.
+MVTEC_TEST_SIZES = {
+    "bottle": 83, "cable": 150, "capsule": 132, "carpet": 117, "grid": 78, "hazelnut": 110, "leather": 124,
+    "metal_nut": 115, "pill": 167, "screw": 160, "tile": 117, "toothbrush": 42, "transistor": 100, "wood": 79,
+    "zipper": 151,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -61,7 +67,7 @@ def make_category(n_images: int, side: int = SIDE, seed: int = 0) -> tuple[torch
             for _ in range(rng.integers(1, 4)):
                 cy, cx = rng.integers(30, side - 30, 2)
                 if rng.random() < 0.7:  # blob
-                    ry, rx = rng.integers(3, 45, 2)
+                    ry, rx = rng.integers(4, 70, 2)
                     mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
                 else:  # thin crack
                     angle, length = rng.uniform(0, np.pi), rng.integers(40, 200)
@@ -105,8 +111,15 @@ def _child(task: Callable[[], Any], queue: mp.Queue) -> None:
         value, error = None, repr(exc)
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
-    queue.put({"value": value, "seconds": seconds, "peak_mib": peak / 1024, "extra_mib": (peak - rss_at_fork) / 1024,
-               "error": error})
+    queue.put(
+        {
+            "value": value,
+            "seconds": seconds,
+            "peak_mib": peak / 1024,
+            "extra_mib": (peak - rss_at_fork) / 1024,
+            "error": error,
+        }
+    )
 
 
 def measure(name: str, task: Callable[[], Any]) -> dict[str, Any]:
@@ -127,14 +140,68 @@ def measure(name: str, task: Callable[[], Any]) -> dict[str, Any]:
     return result
 
 
+def run_mvtec_sized(fpr_limit: float, batch_size: int = 8) -> None:
+    """The evaluator over an MVTec-AD-sized test set: all samples stored, then computed one category at a time."""
+    from anomalib.data import ImageBatch
+
+    from zsad.metrics.per_category import PerCategoryMetrics, unweighted_mean
+
+    def evaluate() -> dict[str, float]:
+        state = PerCategoryMetrics(fpr_limit=fpr_limit)
+        start = time.perf_counter()
+        for seed, (category, n_images) in enumerate(MVTEC_TEST_SIZES.items()):
+            for s in range(0, n_images, batch_size):
+                size = min(batch_size, n_images - s)
+                maps, masks = make_category(size, seed=1000 * seed + s)
+                state.update(
+                    ImageBatch(
+                        image=torch.zeros(size, 3, 4, 4),
+                        gt_label=masks.flatten(1).any(1).long(),
+                        gt_mask=masks,
+                        anomaly_map=maps,
+                        pred_score=maps.flatten(1).amax(1),
+                        image_path=[f"/bench/{category}/test/x/{i:04d}.png" for i in range(s, s + size)],
+                    )
+                )
+        generated = time.perf_counter() - start
+        rss_stored = _status_kib("VmRSS") / 1024
+        start = time.perf_counter()
+        per_category = state.compute()["metrics"]
+        computed = time.perf_counter() - start
+        mean = unweighted_mean(per_category, state.columns)
+        return {
+            "generate+update s": round(generated, 1),
+            "compute s": round(computed, 1),
+            "RSS with all maps stored MiB": round(rss_stored),
+            "mean pixel_aupro": round(mean["pixel_aupro"], 4),
+        }
+
+    print(
+        f"MVTec-AD-sized test set: {sum(MVTEC_TEST_SIZES.values())} maps, "
+        f"{sum(MVTEC_TEST_SIZES.values()) * SIDE * SIDE / 1e6:.1f} M pixels",
+        flush=True,
+    )
+    measure("evaluator-mvtec", evaluate)
+
+
 def main() -> None:
+    """Generate one category, time every implementation on it, print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pixels", type=float, default=DEFAULT_PIXELS, help="total pixels (rounded to 518x518 maps)")
     parser.add_argument("--fpr-limit", type=float, default=0.3)
     parser.add_argument("--evaluator", action="store_true", help="also time the evaluator path (update + compute)")
     parser.add_argument("--anomalib-all", action="store_true", help="also time anomalib's pixel AUROC")
     parser.add_argument("--skip-anomalib", action="store_true", help="only time zsad")
+    parser.add_argument(
+        "--mvtec",
+        action="store_true",
+        help="only run the evaluator on a whole MVTec-AD-sized test set (15 categories, 1,725 maps of 518 x 518, "
+        "generated batch by batch as a model would produce them) and report its peak memory",
+    )
     args = parser.parse_args()
+    if args.mvtec:
+        run_mvtec_sized(args.fpr_limit)
+        return
 
     # The field-less torchmetrics cores of anomalib's AUPRO / AUROC (the public classes only take batches).
     from anomalib.metrics.aupro import _AUPRO
@@ -144,20 +211,26 @@ def main() -> None:
     from zsad.metrics.per_category import PerCategoryMetrics
 
     n_images = max(1, round(args.pixels / (SIDE * SIDE)))
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, "
-          f"{os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f}), torch threads in children: "
-          f"{os.environ.get('BENCH_THREADS', '1')}")
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, "
+        f"{os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f}), torch threads in children: "
+        f"{os.environ.get('BENCH_THREADS', '1')}"
+    )
     start = time.perf_counter()
     maps, masks = make_category(n_images)
     n_pixels = maps.numel()
-    print(f"data: {n_images} x {SIDE} x {SIDE} = {n_pixels / 1e6:.1f} M pixels, {masks.float().mean():.2%} anomalous, "
-          f"generated in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"data: {n_images} x {SIDE} x {SIDE} = {n_pixels / 1e6:.1f} M pixels, {masks.float().mean():.2%} anomalous, "
+        f"generated in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
 
     limit = args.fpr_limit
     results = {"zsad": measure("zsad", lambda: pixel_metrics(maps, masks, fpr_limit=limit))}
     results["zsad-aupro"] = measure("zsad-aupro", lambda: aupro(maps, masks, fpr_limit=limit))
 
     if args.evaluator:
+
         def evaluator_path() -> float:
             from anomalib.data import ImageBatch
 
@@ -177,6 +250,7 @@ def main() -> None:
         results["evaluator"] = measure("evaluator", evaluator_path)
 
     if not args.skip_anomalib:
+
         def anomalib_aupro() -> float:
             metric = _AUPRO(fpr_limit=limit)
             metric.update(maps, masks)
@@ -184,6 +258,7 @@ def main() -> None:
 
         results["anomalib-aupro"] = measure("anomalib-aupro", anomalib_aupro)
         if args.anomalib_all:
+
             def anomalib_auroc() -> float:
                 metric = _AUROC()
                 metric.update(maps, masks)
@@ -195,14 +270,20 @@ def main() -> None:
     ours, theirs = results["zsad-aupro"], results.get("anomalib-aupro")
     if theirs and not theirs["error"]:
         difference = abs(ours["value"] - theirs["value"])
-        print(f"AU-PRO  zsad {ours['value']:.6f}  anomalib {theirs['value']:.6f}  |diff| {difference:.2e}"
-              f"  ({'OK' if difference <= 1e-4 else 'MISMATCH'} at 1e-4)")
-        print(f"time    anomalib AUPRO / zsad AU-PRO  = {theirs['seconds'] / ours['seconds']:.1f}x;  "
-              f"anomalib AUPRO / zsad all four pixel metrics = {theirs['seconds'] / results['zsad']['seconds']:.1f}x")
-        print(f"memory  extra peak: zsad all four {results['zsad']['extra_mib']:.0f} MiB, zsad AU-PRO "
-              f"{ours['extra_mib']:.0f} MiB, anomalib AUPRO {theirs['extra_mib']:.0f} MiB "
-              f"({results['zsad']['extra_mib'] / n_pixels * 2**20:.1f} vs {theirs['extra_mib'] / n_pixels * 2**20:.1f} "
-              f"B/pixel)")
+        print(
+            f"AU-PRO  zsad {ours['value']:.6f}  anomalib {theirs['value']:.6f}  |diff| {difference:.2e}"
+            f"  ({'OK' if difference <= 1e-4 else 'MISMATCH'} at 1e-4)"
+        )
+        print(
+            f"time    anomalib AUPRO / zsad AU-PRO  = {theirs['seconds'] / ours['seconds']:.1f}x;  "
+            f"anomalib AUPRO / zsad all four pixel metrics = {theirs['seconds'] / results['zsad']['seconds']:.1f}x"
+        )
+        print(
+            f"memory  extra peak: zsad all four {results['zsad']['extra_mib']:.0f} MiB, zsad AU-PRO "
+            f"{ours['extra_mib']:.0f} MiB, anomalib AUPRO {theirs['extra_mib']:.0f} MiB "
+            f"({results['zsad']['extra_mib'] / n_pixels * 2**20:.1f} vs {theirs['extra_mib'] / n_pixels * 2**20:.1f} "
+            f"B/pixel)"
+        )
     if math.isnan(results["zsad"]["value"]["pixel_aupro"]):
         sys.exit("zsad AU-PRO is NaN: the synthetic data has no regions")
 

@@ -220,7 +220,7 @@ def test_missing_root_shows_the_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match=r"Gogan .* not found.*does not exist") as error:
         Gogan(root=tmp_path / "nowhere", category="nunozumi").prepare_data()
     message = str(error.value)
-    assert "ground_truth/<defect>/<name>_mask.png" in message and "not public" in message
+    assert "ground_truth/<defect>/     <name>_mask.png" in message and "not public" in message
     with pytest.raises(DatasetNotFoundError, match="download=True"):
         MVTecAD(root=tmp_path / "nowhere", category="bottle").prepare_data()
     with pytest.raises(DatasetNotFoundError, match="VisA not found"):
@@ -244,6 +244,8 @@ def test_unknown_category_lists_the_existing_ones(small_mvtec: Path, gogan_like_
         MVTecAD(root=small_mvtec, category="alhpa").prepare_data()
     with pytest.raises(DatasetLayoutError, match=r"Unknown Gogan .* category 'nunozumii'.*nunozumi', 'tanizumi'"):
         Gogan(root=gogan_like_root, category="nunozumii").prepare_data()
+    with pytest.raises(DatasetLayoutError, match="looks like a category folder itself: pass its parent"):
+        Gogan(root=gogan_like_root / "nunozumi", category="nunozumi").prepare_data()
     datamodule = CrossDataset(
         train={"dataset": "mvtec", "root": small_mvtec},
         test={"dataset": "gogan", "root": gogan_like_root, "categories": ["tanizumi", "other"]},

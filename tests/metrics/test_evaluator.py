@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 from anomalib.metrics import Evaluator
-from toy import CATEGORIES, ToyDataModule, ToyDataset, ToyModel, expected_metrics, run_test
+from metrics_toy import CATEGORIES, ToyDataModule, ToyDataset, ToyModel, expected_metrics, run_test, toy_batch
 
-from zsad.data.dataclasses import ZSADBatch
 from zsad.metrics import ZSADEvaluator, metric_columns
 from zsad.metrics.per_category import PerCategoryMetrics
 
@@ -118,15 +117,6 @@ def test_default_output_dir_is_the_trainer_root(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # PerCategoryMetrics directly (no Trainer)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def toy_batch(indices: list[int], with_masks: bool = True, n: int = 25) -> ZSADBatch:
-    dataset = ToyDataset(n)
-    batch = ZSADBatch.collate([dataset[i] for i in indices])
-    batch.update(anomaly_map=batch.image[:, 0].clone(), pred_score=batch.image[:, 1].mean(dim=(1, 2)))
-    if not with_masks:
-        batch.gt_mask = None
-    return batch
 
 
 def test_image_only_data_skips_pixel_metrics() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from metrics_toy import toy_batch
 from PIL import Image
-from test_evaluator import toy_batch
 
 from zsad.backbone.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from zsad.viz import curves_figure, denormalize_image, figure_to_array, overlay_figure, save_overlays

@@ -220,10 +220,14 @@ def probe_image(path: str | Path) -> Probe:
     return Probe(size=(height, width), mode=mode)
 
 
-def _mask_kind(values: np.ndarray) -> str:
-    # A histogram instead of np.unique: sorting every pixel of 1,000+ full-resolution masks took most of the check.
-    counts = np.bincount(np.clip(values, 0, 255).astype(np.uint8).ravel(), minlength=256)
-    present = np.flatnonzero(counts)
+def _value_histogram(values: np.ndarray) -> np.ndarray:
+    # A histogram instead of np.unique / full-size comparisons: sorting every pixel of 1,000+ full-resolution masks
+    # dominated the check. Mask values are <= 255 here (16-bit masks are scaled by _mask_values).
+    flat = values.ravel() if values.dtype == np.uint8 else np.clip(values.ravel(), 0, 255).astype(np.uint8)
+    return np.bincount(flat, minlength=256)
+
+
+def _mask_kind(present: np.ndarray) -> str:
     if present.max(initial=0) < 128:
         return "class ids / 0-1"
     if set(present.tolist()) <= {0, 255}:
@@ -291,7 +295,8 @@ def check_samples(samples: DataFrame, description: str, threshold: int | None = 
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             problems.append(Problem(mask_path, f"cannot be decoded ({err}).", "re-export the mask as a lossless PNG."))
             continue
-        if not binarize_mask(values, threshold).any():
+        present = np.flatnonzero(_value_histogram(values))
+        if not binarize_mask(present, threshold).any():
             problems.append(
                 Problem(
                     mask_path,
@@ -300,7 +305,7 @@ def check_samples(samples: DataFrame, description: str, threshold: int | None = 
                 )
             )
             continue
-        mask_kinds[_mask_kind(values)] += 1
+        mask_kinds[_mask_kind(present)] += 1
     if problems:
         raise BadImageError(format_problems(f"{len(problems)} unusable file(s) in {description}:", problems))
     if resized:

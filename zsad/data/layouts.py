@@ -58,11 +58,12 @@ GOGAN_DEFECTS = {
 
 _MVTEC_TREE = """\
   <root>/
-    <category>/                          one folder per category{categories}
-      train/good/*{ext}                   normal training images
-      test/good/*{ext}                    normal test images
-      test/<defect>/*{ext}                anomalous test images, one folder per defect type{defects}
-      ground_truth/<defect>/<name>_mask.png   one binary mask per anomalous test image (<name>.png also accepted)"""
+    <category>/                  one folder per category{categories}
+      train/good/                normal training images
+      test/good/                 normal test images
+      test/<defect>/             anomalous test images, one folder per defect type{defects}
+      ground_truth/<defect>/     <name>_mask.png (or <name>.png) for every image of test/<defect>/, binary
+  Images: {ext}."""
 
 
 def _tree(ext: str, categories: Iterable[str] = (), defects: Iterable[str] = ()) -> str:
@@ -114,10 +115,10 @@ MVTEC = DatasetSpec(
     name="mvtec",
     title="MVTec AD",
     extensions=(".png", ".PNG"),
-    layout=_tree(".png", MVTEC_CATEGORIES),
+    layout=_tree("PNG", MVTEC_CATEGORIES),
     source=(
         "Get it from https://www.mvtec.com/company/research/datasets/mvtec-ad (CC BY-NC-SA 4.0) and extract it so "
-        "that <root>/bottle/train/good exists, or pass download=True to let anomalib download it (4.9 GB)."
+        "that <root>/bottle/train/good exists, or pass download=True to let anomalib download it."
     ),
     known_categories=MVTEC_CATEGORIES,
     aliases=("mvtec_ad", "mvtecad"),
@@ -127,13 +128,15 @@ VISA = DatasetSpec(
     title="VisA",
     extensions=(".png", ".jpg", ".JPG"),
     layout=(
-        _tree(".JPG", VISA_CATEGORIES, ["bad"]).replace("  <root>/", "  <root>/visa_pytorch/  (or <root> itself)")
+        _tree(".JPG (masks .png)", VISA_CATEGORIES, ["bad"]).replace(
+            "  <root>/", "  <root>/visa_pytorch/  (or <root> itself)"
+        )
         + "\n  or the raw download: <root>/<category>/Data/{Images,Masks}/... + <root>/split_csv/1cls.csv,"
         "\n  which anomalib's Visa.prepare_data() converts into <root>/visa_pytorch/ (1cls split, masks != 0)."
     ),
     source=(
-        "Get it from https://github.com/amazon-science/spot-diff (VisA_20220922.tar, CC BY 4.0) and extract it into "
-        "<root>, or pass download=True to let anomalib download it (1.8 GB)."
+        "Get it from https://github.com/amazon-science/spot-diff (VisA_20220922.tar) and extract it into "
+        "<root>, or pass download=True to let anomalib download it."
     ),
     known_categories=VISA_CATEGORIES,
     prepared_subdir="visa_pytorch",
@@ -142,7 +145,7 @@ GOGAN = DatasetSpec(
     name="gogan",
     title="Gogan (outdoor concrete blocks)",
     extensions=_PNG_JPG,
-    layout=_tree(".png or .jpg, 256x256", GOGAN_CATEGORIES, GOGAN_DEFECTS),
+    layout=_tree(".png or .jpg, 256x256 (masks .png)", GOGAN_CATEGORIES, GOGAN_DEFECTS),
     source=(
         "The Gogan dataset is not public: obtain it from its authors and arrange it as above. For tests and demos, "
         "zsad.data.synthetic.make_gogan_like(root) writes a small generated dataset with this layout."
@@ -153,7 +156,7 @@ FOLDER = DatasetSpec(
     name="folder",
     title="MVTec-layout folder dataset",
     extensions=_PNG_JPG,
-    layout=_tree(".png or .jpg"),
+    layout=_tree(".png or .jpg (masks .png)"),
     source="Arrange your dataset as above; zsad.data.synthetic.make_mvtec_like(root) writes an example.",
 )
 
@@ -209,6 +212,13 @@ def _looks_like_category(folder: Path) -> bool:
     return folder.is_dir() and any((folder / split).is_dir() for split in (*SPLITS, GROUND_TRUTH))
 
 
+def _root_hint(root: Path) -> str:
+    """A hint for the common mistake of passing a category folder as the dataset root."""
+    if _looks_like_category(root):
+        return f" {str(root)!r} looks like a category folder itself: pass its parent {str(root.parent)!r} as root."
+    return ""
+
+
 def list_categories(spec: DatasetSpec, root: str | Path) -> list[str]:
     """Categories present under a dataset root, sorted.
 
@@ -225,7 +235,8 @@ def list_categories(spec: DatasetSpec, root: str | Path) -> list[str]:
     categories = sorted(entry.name for entry in parent.iterdir() if _looks_like_category(entry))
     if not categories:
         msg = (
-            f"{spec.title} not found: no category folder (with train/ or test/) in {str(parent)!r}.\n{spec.describe()}"
+            f"{spec.title} not found: no category folder (with train/ or test/) in {str(parent)!r}."
+            f"{_root_hint(parent)}\n{spec.describe()}"
         )
         raise DatasetNotFoundError(msg)
     return categories
@@ -248,7 +259,7 @@ def category_root(spec: DatasetSpec, root: str | Path, category: str) -> Path:
         hint += " The raw VisA download is not converted yet: call prepare_data() first (the Trainer does)."
     msg = (
         f"Unknown {spec.title} category {category!r}: no folder {str(folder)!r} with train/ or test/. "
-        f"Categories found under the root: {present or 'none'}.{hint}\n{spec.describe()}"
+        f"Categories found under the root: {present or 'none'}.{hint}{_root_hint(path)}\n{spec.describe()}"
     )
     raise DatasetLayoutError(msg)
 

@@ -252,7 +252,7 @@ class ZSADEvaluator(Evaluator):
         self, output: dict[str, Any], table: dict[str, dict[str, float]], out_dir: Path, render: bool
     ) -> dict[str, Any]:
         """Write overlays and curve plots; return rendered arrays (for W&B) when ``render``."""
-        from zsad.viz import sample_name, curves_figure, figure_to_array, overlay_figure, save_figure
+        from zsad.viz import curves_figure, figure_to_array, overlay_figure, sample_name, save_figure
 
         overlays: dict[str, tuple[list[np.ndarray], list[str]]] = {}
         for category, examples in output["examples"].items():

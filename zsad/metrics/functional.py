@@ -421,7 +421,8 @@ class PixelScores:
         """PRO at ascending thresholds from the given anomalous pixels and their region weights."""
         # A pixel counts for every threshold below (or at) its score; its searchsorted index is how many there are.
         index = np.searchsorted(thresholds, positives, side="left" if strict else "right")
-        hist = np.bincount(index, weights=weights, minlength=thresholds.size + 1)
+        # float64 even when no positive is left (numpy's bincount of an empty index returns int64 despite weights).
+        hist = np.bincount(index, weights=weights, minlength=thresholds.size + 1).astype(np.float64, copy=False)
         # pro[i] = sum of the weights with index > i: a reverse cumulative sum shifted by one.
         pro = np.cumsum(hist[::-1])[::-1][1:]
         return np.minimum(pro, 1.0, out=pro)  # float round-off only, as the official code clips

@@ -145,7 +145,9 @@ class _MapMetric(TypedListStatesMixin):
         if masks.ndim == 4:
             masks = masks.squeeze(1)
         if anomaly_maps.shape != masks.shape or anomaly_maps.ndim != 3:
-            raise ValueError(f"anomaly maps {tuple(anomaly_maps.shape)} and masks {tuple(masks.shape)} must be B x H x W")
+            raise ValueError(
+                f"anomaly maps {tuple(anomaly_maps.shape)} and masks {tuple(masks.shape)} must be B x H x W"
+            )
         batch, height, width = anomaly_maps.shape
         self.maps.append(anomaly_maps.detach().reshape(-1).to(torch.float32))
         self.masks.append(masks.detach().reshape(-1).to(torch.uint8))

@@ -56,8 +56,10 @@ def metric_columns(compute_pixel: bool = True, report_pro_repo: bool = False) ->
 
 
 def unweighted_mean(per_category: dict[str, dict[str, float]], columns: Sequence[str]) -> dict[str, float]:
-    """Mean over categories, each weighing the same (the papers' convention); categories where a metric is undefined
-    (NaN) are left out of that metric's mean."""
+    """Mean over categories, each weighing the same (the papers' convention).
+
+    A category where a metric is undefined (NaN, e.g. AUROC without anomalies) is left out of that metric's mean.
+    """
     mean = {}
     for column in columns:
         values = [row[column] for row in per_category.values() if not math.isnan(row.get(column, math.nan))]
@@ -221,7 +223,7 @@ class PerCategoryMetrics(TypedListStatesMixin):
                 self._masks.append(np.packbits(masks[i].numpy().reshape(-1)))
                 self._shapes.append((int(maps.shape[1]), int(maps.shape[2])))
                 self._keys.append(keys[i])
-            if self.num_examples:
+            if self.num_examples and rank == 0:  # only rank 0 draws pictures
                 self._keep_examples(batch, categories, paths, labels, maps, masks, scores)
 
         device = self.device

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from toy import ToyDataset, expected_metrics, run_test
+from metrics_toy import ToyDataset, expected_metrics, run_test
 
 from zsad.metrics import ZSADEvaluator
 from zsad.metrics import functional as F
 
-SCRIPT = Path(__file__).with_name("ddp_script.py")
+SCRIPT = Path(__file__).with_name("evaluator_ddp_script.py")
 N_SAMPLES = 25  # odd: the sampler pads rank 1 with a copy of sample 0 (a good "bottle" image)
 TIMEOUT_S = 240
 
@@ -86,6 +86,4 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     dataset = ToyDataset(N_SAMPLES)
     dataset.samples.append(dataset.samples[0])
     with_duplicate = expected_metrics(dataset, report_pro_repo=True)["bottle"]
-    assert any(
-        not np.isclose(with_duplicate[m], ddp_rows["bottle"][m], rtol=0, atol=1e-9) for m in F.PIXEL_METRICS
-    )
+    assert any(not np.isclose(with_duplicate[m], ddp_rows["bottle"][m], rtol=0, atol=1e-9) for m in F.PIXEL_METRICS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from metrics_refs import reference_aupro, synthetic_maps
 from sklearn.metrics import roc_auc_score
-from test_functional import reference_aupro, synthetic_maps
 
 from zsad.metrics import ExactAUPRO, ExactAUROC, ExactAveragePrecision, ExactF1Max, ProRepo
 from zsad.metrics import functional as F

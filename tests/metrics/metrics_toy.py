@@ -152,3 +152,13 @@ def run_test(
     }
     trainer = lightning.Trainer(**trainer_kwargs)
     return trainer.test(ToyModel(evaluator), datamodule=ToyDataModule(n, size, batch_size), verbose=False)
+
+
+def toy_batch(indices: list[int], with_masks: bool = True, n: int = 25) -> ZSADBatch:
+    """Samples ``indices`` of the toy dataset collated and scored, as the evaluator receives them."""
+    dataset = ToyDataset(n)
+    batch = ZSADBatch.collate([dataset[i] for i in indices])
+    batch.update(anomaly_map=batch.image[:, 0].clone(), pred_score=batch.image[:, 1].mean(dim=(1, 2)))
+    if not with_masks:
+        batch.gt_mask = None
+    return batch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import WandbLogger
-from toy import CATEGORIES, run_test
+from metrics_toy import CATEGORIES, run_test
 
 from zsad.metrics import ZSADEvaluator
 

@@ -68,3 +68,18 @@ def test_wandb_logger_twice_in_the_same_directory(
     second = build_cli(args)
     assert second.trainer.current_epoch == 1
     assert any(tmp_path.rglob("config.yaml"))
+
+
+def test_predict_writes_overlay_pictures(tmp_path: Path, mvtec_like_root: Path, mvtec_like_root_b: Path) -> None:
+    args = _tiny_fit_args(tmp_path, mvtec_like_root, mvtec_like_root_b, "false")
+    args[0] = "predict"
+    args = [a for a in args if not a.startswith(("--model.evaluator", "--trainer.max_epochs", "--trainer.limit_train"))]
+    args += [
+        "--model.evaluator=zsad.metrics.ZSADEvaluator",
+        "--model.evaluator.save_images=2",
+        f"--model.evaluator.output_dir={tmp_path / 'out'}",
+    ]
+    build_cli(args)
+    pictures = sorted((tmp_path / "out" / "predictions").rglob("*.png"))
+    test_images = [p for p in mvtec_like_root_b.rglob("test/*/*.png")]
+    assert len(pictures) == len(test_images) > 0

@@ -107,18 +107,24 @@ def time_interleaved(
     batches: int,
     warmup: int,
     device: torch.device,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, run in turn batch by batch (``warmup`` untimed rounds first)."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function, run in turn batch by batch after ``warmup`` rounds.
+
+    CPU seconds (``time.process_time``, summed over this process's threads) are barely affected by other processes
+    on a shared machine, where wall-clock times can vary several-fold; on a GPU only the wall times mean anything.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(warmup + batches):
         for name, fn in calls.items():
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def run_benchmark(
@@ -147,7 +153,7 @@ def run_benchmark(
     if encoder is not None:
         calls["encoder"] = lambda: encoder[0](images)
     with torch.inference_mode():
-        times = time_interleaved(calls, batches, warmup, device)
+        times, cpu_times = time_interleaved(calls, batches, warmup, device)
     result: dict[str, Any] = {
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "trainable_parameters": trainable,
@@ -160,12 +166,15 @@ def run_benchmark(
         "batches": batches,
         "warmup": warmup,
         "seconds": times,
+        "cpu_seconds": cpu_times,
     }
-    for name, seconds in times.items():
-        result[f"{name}_images_per_s"] = batch_size / statistics.median(seconds)
+    for name in calls:
+        result[f"{name}_images_per_s"] = batch_size / statistics.median(times[name])
+        result[f"{name}_images_per_cpu_s"] = batch_size / statistics.median(cpu_times[name])
     if encoder is not None:
         result["encoder_call"] = encoder[1]
         result["ratio"] = result["inference_images_per_s"] / result["encoder_images_per_s"]
+        result["ratio_cpu"] = result["inference_images_per_cpu_s"] / result["encoder_images_per_cpu_s"]
     return result
 
 
@@ -207,6 +216,12 @@ def format_report(result: dict[str, Any], backbone: str | None, weights: str | N
             f"bare encoder: {result['encoder_images_per_s']:.3f} images/s ({result['encoder_call']})",
             f"ratio inference / bare encoder: {result['ratio']:.3f}",
         ]
+    if result["device"].startswith("cpu"):
+        cpu_line = f"per CPU-second (robust to other processes): inference {result['inference_images_per_cpu_s']:.3f}"
+        if "ratio" in result:
+            cpu_line += (f", bare encoder {result['encoder_images_per_cpu_s']:.3f} images, "
+                         f"ratio {result['ratio_cpu']:.3f}")
+        lines.append(cpu_line)
     lines += [
         "seed-000 Table 2 row | method | trainable | total | images/s |",
         f"                    | {name} | {human_count(result['trainable_parameters'])} | "

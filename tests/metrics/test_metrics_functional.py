@@ -89,6 +89,18 @@ def test_aupro_accepts_maps_of_different_sizes() -> None:
     assert F.aupro(maps, masks) == pytest.approx(reference_aupro(maps, masks, 0.3), abs=TOL)
 
 
+def test_aupro_when_the_limit_falls_exactly_on_a_curve_point() -> None:
+    """10 normal pixels with distinct scores: FPR = 3/10 is a curve point, so nothing is interpolated there."""
+    maps = np.zeros((1, 4, 4), dtype=np.float32)
+    masks = np.zeros((1, 4, 4), dtype=bool)
+    masks[0, :2, :3] = True  # 6 anomalous pixels, one region
+    maps[0, :2, :3] = np.array([[0.95, 0.5, 0.45], [0.35, 0.25, 0.05]])
+    maps[0, ~masks[0]] = np.linspace(0.1, 1.0, 10)
+    fpr_limit = 3 / 10
+    assert fpr_limit == 0.3
+    assert F.aupro(maps, masks, fpr_limit) == pytest.approx(reference_aupro(maps, masks, fpr_limit), abs=TOL)
+
+
 def test_aupro_is_region_macro_averaged() -> None:
     """A tiny missed scratch weighs as much as a large found stain: PRO = (1 + 0) / 2 at every useful threshold."""
     maps = np.zeros((1, 40, 40), dtype=np.float32)

@@ -166,6 +166,23 @@ class ZSADEvaluator(Evaluator):
             self._finish("test", trainer, pl_module)
         self.test_state.reset()
 
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: STEP_OUTPUT | None,
+        batch: Any,  # noqa: ANN401
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """``zsad predict`` with ``save_images > 0``: an overlay PNG per predicted image under ``predictions/``."""
+        del pl_module, outputs, dataloader_idx
+        if self.save_images and getattr(batch, "anomaly_map", None) is not None:
+            from zsad.viz import save_overlays  # matplotlib only when pictures are asked for
+
+            out_dir = Path(self.output_dir or trainer.default_root_dir) / "predictions"
+            save_overlays(batch, out_dir, start_index=batch_idx * len(batch.anomaly_map))
+
     # ----------------------------------------------------------------------------------------------------------------
     # Epoch end
     # ----------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from zsad.backbone import DEFAULT_BACKBONE, create_backbone
 from zsad.methods.base import ZSADModule
 from zsad.methods.clip_ada.loss import CLIPADALoss, LossResolution
 from zsad.methods.clip_ada.torch_model import (
-    TEMPLATE,
     TEMPERATURE,
+    TEMPLATE,
     TOP_K,
     CLIPADAModel,
     Interpolation,

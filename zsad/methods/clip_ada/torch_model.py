@@ -198,9 +198,12 @@ class CLIPADAModel(nn.Module):
         return self.backbone.encode_prompt_embeddings(embeds, self.template.eot(1))[0]
 
     def text_feature(self) -> torch.Tensor:
-        """``T`` ``[C]``: encoded once per call while gradients are on (one call per training step); cached when they
-        are off (evaluation), the cache being keyed by the prompt vectors' version so that an optimiser step or a
-        ``load_state_dict`` invalidates it."""
+        """The prompt's text feature ``T`` ``[C]``.
+
+        Encoded on every call while gradients are on (one call per training step, shared by all passes); cached while
+        they are off (evaluation), keyed by the prompt vectors' version counter, storage and device, so that an
+        optimiser step or a ``load_state_dict`` invalidates it.
+        """
         ctx = self.prompt_vectors
         if ctx is None or torch.is_grad_enabled():
             return self._encode_prompt()
@@ -245,8 +248,9 @@ class CLIPADAModel(nn.Module):
     # -- head -------------------------------------------------------------------------------------------------------
 
     def _logits(self, tokens: torch.Tensor, projection: nn.Module, text: torch.Tensor) -> torch.Tensor:
-        return similarity_logits(projection(tokens.to(projection.weight.dtype)), text, self.logit_scale.exp(),
-                                 self.logit_bias)
+        return similarity_logits(
+            projection(tokens.to(projection.weight.dtype)), text, self.logit_scale.exp(), self.logit_bias
+        )
 
     def forward_features(self, features: dict[str, torch.Tensor], image_size: tuple[int, int]) -> dict:
         """Coarse pass on the frozen tokens, then ``R`` refinement passes.

@@ -136,8 +136,9 @@ def run_benchmark(
     device: str | torch.device = "cpu",
     image_size: int | None = None,
     seed: int = 0,
+    plain_clip: bool = True,
 ) -> dict[str, Any]:
-    """Parameters and images/s of ``model.model(images)`` and of the bare encoder, on random input."""
+    """Parameters and images/s of ``model.model(images)``, of its bare encoder and of the plain CLIP image tower."""
     from zsad.methods.base import count_parameters
 
     trainable, total = count_parameters(model)
@@ -152,6 +153,10 @@ def run_benchmark(
     encoder = bare_encoder(model)
     if encoder is not None:
         calls["encoder"] = lambda: encoder[0](images)
+    backbone = getattr(inner, "backbone", None)
+    if plain_clip and encoder is not None and encoder[0] is not getattr(backbone, "encode_image", None):
+        # The CLIP image tower alone (global embedding, no layer taps or projections): the floor of any method.
+        calls["clip"] = lambda: backbone.encode_image(images)
     with torch.inference_mode():
         times, cpu_times = time_interleaved(calls, batches, warmup, device)
     result: dict[str, Any] = {
@@ -175,6 +180,9 @@ def run_benchmark(
         result["encoder_call"] = encoder[1]
         result["ratio"] = result["inference_images_per_s"] / result["encoder_images_per_s"]
         result["ratio_cpu"] = result["inference_images_per_cpu_s"] / result["encoder_images_per_cpu_s"]
+    if "clip" in calls:
+        result["ratio_clip"] = result["inference_images_per_s"] / result["clip_images_per_s"]
+        result["ratio_clip_cpu"] = result["inference_images_per_cpu_s"] / result["clip_images_per_cpu_s"]
     return result
 
 
@@ -216,11 +224,18 @@ def format_report(result: dict[str, Any], backbone: str | None, weights: str | N
             f"bare encoder: {result['encoder_images_per_s']:.3f} images/s ({result['encoder_call']})",
             f"ratio inference / bare encoder: {result['ratio']:.3f}",
         ]
+    if "ratio_clip" in result:
+        lines.append(
+            f"plain CLIP image encoder: {result['clip_images_per_s']:.3f} images/s (backbone.encode_image(images), "
+            f"no layer taps); ratio inference / plain: {result['ratio_clip']:.3f}",
+        )
     if result["device"].startswith("cpu"):
         cpu_line = f"per CPU-second (robust to other processes): inference {result['inference_images_per_cpu_s']:.3f}"
         if "ratio" in result:
             cpu_line += (f", bare encoder {result['encoder_images_per_cpu_s']:.3f} images, "
                          f"ratio {result['ratio_cpu']:.3f}")
+        if "ratio_clip" in result:
+            cpu_line += f", plain CLIP {result['clip_images_per_cpu_s']:.3f}, ratio {result['ratio_clip_cpu']:.3f}"
         lines.append(cpu_line)
     lines += [
         "seed-000 Table 2 row | method | trainable | total | images/s |",
@@ -248,6 +263,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--no_plain_clip", action="store_true",
+                        help="Do not also time the plain CLIP image tower (backbone.encode_image).")
     parser.add_argument("--json", default=None, help="Also write the result as JSON to this file.")
     return parser.parse_args(list(argv))
 
@@ -271,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dtype=args.dtype,
         device=args.device,
         image_size=args.image_size,
+        plain_clip=not args.no_plain_clip,
     )
     result["device_name"] = _device_name(args.device)
     result["config"] = str(args.config)

@@ -96,6 +96,18 @@ def cli_args(args: argparse.Namespace, domain_a: Path, domain_b: Path, weights: 
     return overrides
 
 
+def _run_cli(args: list[str]) -> Any:  # noqa: ANN401
+    """``zsad <args>`` in-process (LightningCLI warns when it also sees this process's own ``sys.argv``)."""
+    from zsad.cli import build_cli
+
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        return build_cli(args)
+    finally:
+        sys.argv = saved
+
+
 def _pixel_auroc(cli: Any) -> float | None:  # noqa: ANN401
     results = getattr(cli.model.evaluator, "results_by_stage", {}).get("test", {})
     return results.get("mean", {}).get("pixel_auroc")
@@ -120,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from zsad.backbone.clip import is_architecture_name
-    from zsad.cli import build_cli
 
     tiny = args.backbone == "tiny"
     weights = args.weights or ("random" if tiny or is_architecture_name(args.backbone) else "pretrained")
@@ -141,15 +152,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     before = None
     if not args.skip_initial:
         print("\n[1/2] domain B with the initial (untrained) vectors", flush=True)  # noqa: T201
-        initial = build_cli([
+        initial = _run_cli([
             "test", *shared,
+            "--verbose=false",
             f"--model.init_args.evaluator.init_args.output_dir={out / 'initial'}",
             "--model.init_args.evaluator.init_args.save_images=0",
             "--trainer.logger=false",
         ])
         before = _pixel_auroc(initial)
     print("\n[2/2] fit on domain A's labelled test split, then test on domain B", flush=True)  # noqa: T201
-    fitted = build_cli([
+    fitted = _run_cli([
         "fit", *shared,
         f"--model.init_args.evaluator.init_args.output_dir={out / 'results'}",
         "--test_after_fit=true",

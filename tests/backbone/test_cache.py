@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from torchvision.tv_tensors import Image, Mask
 
 from zsad.backbone.cache import (
     FeatureCache,
@@ -145,11 +146,12 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path: Path, mvte
     # Stored items are what the encoder gives for the pre-processed image (fp16), with mask and label.
     item = store.read(keys[10])
     raw = dm.train_data[10]
-    image, mask = model.pre_processor.transform(raw.image.unsqueeze(0), raw.gt_mask.unsqueeze(0))
+    image, mask = model.pre_processor.transform(Image(raw.image.unsqueeze(0)), Mask(raw.gt_mask.unsqueeze(0)))
     expected = model.model.encode(image)
     assert item["features"]["patches"].dtype == torch.float32  # restored to the encoder's dtype
     torch.testing.assert_close(item["features"]["patches"], expected["patches"][0], atol=2e-3, rtol=2e-3)
-    assert torch.equal(item["gt_mask"], mask[0].bool()) and item["gt_label"] == int(raw.gt_label)
+    assert item["gt_mask"].shape == (98, 98) and item["gt_mask"].any()
+    assert torch.equal(item["gt_mask"], mask[0].bool()) and item["gt_label"] == int(raw.gt_label) == 1
     batch = collate_cached([store.read(k) for k in keys[:3]])
     assert batch.features["patches"].shape == (3, 4, 49, 16) and batch.image_size == (98, 98) and batch.image is None
 

@@ -309,8 +309,12 @@ class FeatureStore:
     # -- reading ----------------------------------------------------------------------------------------------------
 
     def read(self, item_key: str) -> dict[str, Any]:
-        """One stored item: ``features`` (encoder dtypes restored), ``gt_mask``, ``gt_label``, ``image_size``,
-        ``image_path``, ``category``."""
+        """One stored item.
+
+        Returns:
+            ``features`` (encoder dtypes restored), ``gt_mask``, ``gt_label``, ``image_size``, ``image_path``,
+            ``category``.
+        """
         with safe_open(str(self.path(item_key)), framework="pt") as f:
             metadata = f.metadata() or {}
             dtypes = json.loads(metadata.get("feature_dtypes", "{}"))
@@ -571,6 +575,7 @@ class FeatureCache(Callback):
         if datamodule is None:
             msg = "The feature cache needs a LightningDataModule (trainer.fit(model, datamodule=...))."
             raise FeatureCacheError(msg)
+        datamodule.__dict__.pop("train_dataloader", None)  # a wrapper left by an interrupted fit
         original = datamodule.train_dataloader
         # Shadow the bound method on this instance only; Lightning asks `trainer.datamodule.train_dataloader()`.
         datamodule.train_dataloader = lambda: self.cached_loader(original(), trainer, pl_module)
@@ -620,21 +625,28 @@ class FeatureCache(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            extract_missing(
-                store,
-                dataset,
-                sources,
-                item_keys,
-                encode=pl_module.model.encode,
-                transform=getattr(pre_processor, "transform", None),
-                device=pl_module.device,
-                batch_size=self.extraction_batch_size or loader.batch_size or 8,
-                num_workers=loader.num_workers,
-                collate_fn=loader.collate_fn,
-                context=trainer.precision_plugin.forward_context,
-            )
+            # Under DDP the first rank extracts while the others wait, then every rank reads the same store.
+            if trainer.is_global_zero:
+                extract_missing(
+                    store,
+                    dataset,
+                    sources,
+                    item_keys,
+                    encode=pl_module.model.encode,
+                    transform=getattr(pre_processor, "transform", None),
+                    device=pl_module.device,
+                    batch_size=self.extraction_batch_size or loader.batch_size or 8,
+                    num_workers=loader.num_workers,
+                    collate_fn=loader.collate_fn,
+                    context=trainer.precision_plugin.forward_context,
+                )
+            trainer.strategy.barrier("zsad_feature_cache")
         finally:
             pl_module.train(was_training)
+        absent = [key for key in item_keys if not store.has(key)]
+        if absent:
+            msg = f"{len(absent)} items are missing from {store.directory} after extraction (shared storage?)."
+            raise FeatureCacheError(msg)
         self.store = store
         cached = CachedFeatureDataset(store, item_keys)
         if loader.batch_size is None:  # a custom batch sampler: replay it as is

@@ -137,7 +137,7 @@ class ZSADModule:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
 
     def configure_callbacks(self):  # noqa: ANN201 - Sequence[Callback]
-        """anomalib's component callbacks, plus the feature cache when ``feature_cache`` is set."""
+        """The anomalib component callbacks, plus the feature cache when ``feature_cache`` is set."""
         callbacks = list(super().configure_callbacks())
         if self.feature_cache:
             from zsad.backbone.cache import FeatureCache

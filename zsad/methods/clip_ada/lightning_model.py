@@ -5,7 +5,7 @@ arXiv 2403.09493 (``shared/seeds/004_0e57b5d1c8f7e3c7.txt``); spec ``shared/spec
 implementation exists; the choices zsad made where the paper is silent are listed in this folder's ``README.md``.
 
 Example:
-    >>> from zsad.methods import CLIPADA
+    >>> from zsad.methods.clip_ada import CLIPADA
     >>> model = CLIPADA(backbone="tiny", image_size=98)
     >>> sum(p.numel() for p in model.parameters() if p.requires_grad)  # 4 * 32 + 2 * (32 * 16 + 16)
     1184

@@ -1,0 +1,37 @@
+"""`zsad benchmark`: exact parameter counts, images/s of the method and of its bare encoder, their ratio, the
+Table-2 row — for any method config, with `--weights random` and backbone overrides."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from zsad.benchmark import human_count, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_prints_counts_speeds_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    # The paper config (pretrained ViT-L) with the overrides: random tiny weights at 98 px, no download.
+    result = main([
+        "--config", str(ROOT / "configs/learnable_vectors/visa_to_mvtec.yaml"), "--weights", "random",
+        "--backbone", "tiny", "--image_size", "98", "--batches", "2", "--batch_size", "2",
+    ])
+    out = capsys.readouterr().out
+    assert "trainable parameters: 164\n" in out  # (1 + 4) x 2 x 16 + 4, exact integer
+    assert "total parameters: 225252\n" in out
+    assert re.search(r"inference: \d+\.\d+ images/s", out)
+    assert re.search(r"bare encoder: \d+\.\d+ images/s \(model\.model\.encode\(images\)\)", out)
+    assert re.search(r"ratio inference / bare encoder: \d+\.\d+", out)
+    assert "batch size 2, dtype float32, device cpu" in out
+    assert "| LearnableVectors | 164 | 225.3K |" in out
+    assert result["image_size"] == 98 and result["weights"] == "random"
+    assert result["ratio"] == pytest.approx(result["inference_images_per_s"] / result["encoder_images_per_s"])
+
+
+def test_human_counts_match_the_seed_table() -> None:
+    assert human_count(7_684) == "7.7K"
+    assert human_count(304_301_572) == "304.3M"
+    assert human_count(431_905_025) == "431.9M"

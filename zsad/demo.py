@@ -128,7 +128,31 @@ def banner(backbone: str, weights: str, image_size: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point of ``zsad demo``; returns the pixel AUROC before/after and the output paths."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from zsad.backbone.clip import BackboneWeightsNotFoundError
+
+    try:
+        return _demo(parse_args(sys.argv[1:] if argv is None else argv))
+    except BackboneWeightsNotFoundError as err:
+        raise SystemExit(f"zsad demo: {err}") from None
+
+
+def _check_weights(backbone: str) -> None:
+    """Fail early, with the way out, when pretrained weights are neither a directory nor in the offline HF cache."""
+    if Path(backbone).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(backbone, "config.json"), str):
+        return
+    msg = (
+        f"zsad demo: CLIP weights {backbone!r} are not in the Hugging Face cache and the hub is offline.\n"
+        f"  Download them once with network access (huggingface-cli download {backbone}) or pass a directory "
+        "written by save_pretrained (--backbone weights/clip);\n  or run the demo with random weights: make demo."
+    )
+    raise SystemExit(msg)
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from zsad.backbone.clip import is_architecture_name
@@ -136,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tiny = args.backbone == "tiny"
     weights = args.weights or ("random" if tiny or is_architecture_name(args.backbone) else "pretrained")
     image_size = args.image_size or (98 if tiny else 518)
+    if weights == "pretrained":
+        _check_weights(args.backbone)
     threads = args.threads or int(os.environ.get("ZSAD_NUM_THREADS", "0")) or (1 if tiny else None)
     if threads:
         torch.set_num_threads(threads)

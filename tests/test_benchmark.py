@@ -35,3 +35,15 @@ def test_human_counts_match_the_seed_table() -> None:
     assert human_count(7_684) == "7.7K"
     assert human_count(304_301_572) == "304.3M"
     assert human_count(431_905_025) == "431.9M"
+
+
+def test_set_overrides_any_init_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    """CLIP-ADA's R is an init argument: `--set num_refinements=2` changes the trainable count (656 + 2 x 528)."""
+    common = ["--config", str(ROOT / "configs/clip_ada/mvtec.yaml"), "--weights", "random", "--backbone", "tiny",
+              "--image_size", "98", "--batches", "1", "--warmup", "0", "--no_plain_clip"]
+    main([*common, "--set", "num_refinements=0"])
+    assert "trainable parameters: 656\n" in capsys.readouterr().out
+    main([*common, "--set", "num_refinements=2"])
+    assert "trainable parameters: 1712\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no_such_argument"):
+        main([*common, "--set", "no_such_argument=1"])

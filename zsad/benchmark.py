@@ -266,7 +266,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no_plain_clip", action="store_true",
                         help="Do not also time the plain CLIP image tower (backbone.encode_image).")
     parser.add_argument("--json", default=None, help="Also write the result as JSON to this file.")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                        help="Override any model init argument (YAML value), e.g. --set num_refinements=2. Repeatable.")
     return parser.parse_args(list(argv))
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+    """``["num_refinements=2", "layers=[24]"]`` → ``{"num_refinements": 2, "layers": [24]}`` (values parsed as YAML).
+
+    Raises:
+        ValueError: An item without ``=``, or a name the ``--weights/--backbone/--image_size`` flags own.
+    """
+    out: dict[str, Any] = {}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        name = name.strip().removeprefix("model.").removeprefix("init_args.")
+        if not sep or not name:
+            msg = f"--set takes NAME=VALUE (a model init argument), got {item!r}."
+            raise ValueError(msg)
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -278,7 +297,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for key in ("weights", "backbone", "image_size"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    unknown = set(parse_sets(args.sets))
+    overrides.update(parse_sets(args.sets))
     model = build_model(args.config, overrides)
+    hparams_now = dict(getattr(model, "hparams", {}))
+    missing = sorted(name for name in unknown if name not in hparams_now)
+    if missing:
+        msg = f"--set names no init argument of {type(model).__name__}: {missing}."
+        raise SystemExit(msg)
     hparams = dict(getattr(model, "hparams", {}))
     result = run_benchmark(
         model,

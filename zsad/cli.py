@@ -50,7 +50,7 @@ class ZSADCLI(LightningCLI):
     def after_fit(self) -> None:
         """Test on the target split right after training when ``--test_after_fit true``."""
         if self._get(self.config, "test_after_fit", False):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)  # the evaluator prints the table
 
 
 def _import_plugins() -> None:

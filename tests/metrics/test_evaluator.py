@@ -105,11 +105,11 @@ def test_validation_stage_logs_val_keys_and_writes_no_files(tmp_path: Path) -> N
     assert not list(tmp_path.glob("metrics.*"))
 
 
-def test_default_output_dir_is_the_trainer_root(tmp_path: Path) -> None:
+def test_default_output_dir_is_results_under_the_run(tmp_path: Path) -> None:
     evaluator = ZSADEvaluator(stages=("test",), compute_pixel=False)
     logged = run_test(evaluator, str(tmp_path), n=9)
-    assert (tmp_path / "metrics.csv").exists()
-    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert (tmp_path / "results" / "metrics.csv").exists()
+    header = (tmp_path / "results" / "metrics.csv").read_text().splitlines()[0]
     assert header == "category,image_auroc,image_ap,image_f1max"
     assert not any("pixel" in key for key in logged[0])
 
@@ -169,3 +169,15 @@ def test_invalid_arguments() -> None:
         ZSADEvaluator(stages=("train",))
     with pytest.raises(ValueError, match="fpr_limit"):
         ZSADEvaluator(fpr_limit=1.5)
+
+
+def test_results_do_not_clash_with_the_csv_logger(tmp_path: Path) -> None:
+    """Lightning's CSVLogger (the default without tensorboard) writes its own metrics.csv into log_dir."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    evaluator = ZSADEvaluator(stages=("test",), compute_pixel=False)
+    run_test(evaluator, str(tmp_path), n=9, logger=CSVLogger(str(tmp_path), name="logs"))
+    run_dirs = list((tmp_path / "logs").glob("version_*"))
+    assert len(run_dirs) == 1
+    assert (run_dirs[0] / "results" / "metrics.json").exists()
+    assert (run_dirs[0] / "metrics.csv").exists()  # the logger's own file, intact

@@ -68,7 +68,8 @@ class ZSADEvaluator(Evaluator):
             with those papers (it is not AU-PRO).
         save_images: Overlays per category (anomalous first) written after testing, together with the ROC / PRO
             curve plots; also logged to W&B. 0 disables all pictures.
-        output_dir: Folder of the results files; default ``trainer.log_dir`` (else ``trainer.default_root_dir``).
+        output_dir: Folder of the results files; default ``<trainer.log_dir>/results`` (else under
+            ``trainer.default_root_dir``).
 
     Attributes:
         results: Last computed table ``{category: {metric: value}}`` including the ``"mean"`` row (fractions).
@@ -212,7 +213,8 @@ class ZSADEvaluator(Evaluator):
         if self.output_dir:
             return Path(self.output_dir)
         log_dir = trainer.log_dir  # a broadcast under DDP: must run on every rank
-        return Path(log_dir or trainer.default_root_dir)
+        # A subfolder: Lightning's CSVLogger writes its own metrics.csv into log_dir.
+        return Path(log_dir or trainer.default_root_dir) / "results"
 
     def _report(
         self,

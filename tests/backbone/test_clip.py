@@ -217,3 +217,25 @@ def test_vit_l_14_336_random_architecture_has_the_seed_parameter_count() -> None
 def test_unknown_architecture_is_rejected() -> None:
     with pytest.raises(KeyError, match="Unknown CLIP architecture"):
         create_backbone("no-such-clip", weights="random")
+
+
+def test_tensor_state_cache_recomputes_only_after_a_change() -> None:
+    from zsad.backbone import TensorStateCache
+
+    cache, calls = TensorStateCache(), []
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return weight * 2
+
+    first = cache.get([weight], compute)
+    assert cache.get([weight], compute) is first and len(calls) == 1
+    assert not first.requires_grad  # computed without autograd
+    with torch.no_grad():
+        weight.add_(1.0)  # what an optimiser step does
+    torch.testing.assert_close(cache.get([weight], compute), torch.full((3,), 4.0))
+    assert len(calls) == 2
+    cache.clear()
+    cache.get([weight], compute)
+    assert len(calls) == 3

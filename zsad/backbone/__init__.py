@@ -12,7 +12,7 @@ from zsad.backbone.clip import (
     list_architectures,
 )
 from zsad.backbone.dpam import vv_attention_block
-from zsad.backbone.prompts import PromptTemplate, run_text_tower
+from zsad.backbone.prompts import PromptTemplate, TensorStateCache, run_text_tower
 from zsad.backbone.tokenizer import CLIPBPETokenizer, get_tokenizer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "CLIPBPETokenizer",
     "CLIPBackbone",
     "PromptTemplate",
+    "TensorStateCache",
     "VisionOutput",
     "architecture_config",
     "create_backbone",

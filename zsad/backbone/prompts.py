@@ -10,6 +10,8 @@ vectors in place of the placeholder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -99,3 +101,35 @@ class PromptTemplate:
     def eot(self, n_prompts: int = 1) -> torch.Tensor:
         """End-of-text positions ``[n_prompts]``."""
         return torch.full((n_prompts,), self.eot_index, dtype=torch.long)
+
+
+class TensorStateCache:
+    """One value computed from some tensors, reused until any of them changes.
+
+    Text features of learnable prompts are constant between optimiser steps, so evaluation encodes them once. The key
+    is each tensor's storage, version counter, device and dtype: an optimiser step, ``load_state_dict``, ``copy_``
+    (version bump) or ``.to()`` (new storage) invalidates the value. The value is computed without autograd and
+    outside inference mode, so it can be reused in any later context.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    @staticmethod
+    def key(tensors: list[torch.Tensor]) -> tuple:
+        """What identifies the tensors' current contents."""
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)  # noqa: SLF001
+
+    def get(self, tensors: list[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached value, recomputed with ``compute()`` when a tensor has changed since the last call."""
+        key = self.key(tensors)
+        if self._value is None or self._key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._value = compute()
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        """Forget the value."""
+        self._key = self._value = None

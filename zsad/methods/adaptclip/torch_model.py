@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from zsad.backbone import CLIPBackbone, PromptTemplate
+from zsad.backbone import CLIPBackbone, PromptTemplate, TensorStateCache
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 
 TEMPERATURE = 0.07
@@ -198,24 +198,20 @@ class TextualAdapter(nn.Module):
         self.ctx_normal = nn.Parameter(torch.randn(n_ctx, text_width) * init_std)
         self.ctx_abnormal = nn.Parameter(torch.randn(n_ctx, text_width) * init_std)
         self.template = PromptTemplate("{}.", n_ctx, tokenizer)
-        self._cache: tuple[tuple, torch.Tensor] | None = None
-
-    def _cache_key(self) -> tuple:
-        return tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in (self.ctx_normal, self.ctx_abnormal))  # noqa: SLF001
+        self._cache = TensorStateCache()
 
     def forward(self, backbone: CLIPBackbone) -> torch.Tensor:
         """``[2, E]`` learned text features ``(w'_n, w'_a)`` (projected EOT features, not normalised)."""
+        def encode() -> torch.Tensor:
+            ctx = torch.stack([self.ctx_normal, self.ctx_abnormal])
+            embeddings = self.template.embed(backbone.text.embeddings.token_embedding, ctx)
+            return backbone.encode_prompt_embeddings(embeddings, self.template.eot(2))
+
         needs_grad = torch.is_grad_enabled() and self.ctx_normal.requires_grad
-        if not self.training and not needs_grad and self._cache is not None and self._cache[0] == self._cache_key():
-            return self._cache[1]
-        ctx = torch.stack([self.ctx_normal, self.ctx_abnormal])
-        embeddings = self.template.embed(backbone.text.embeddings.token_embedding, ctx)
-        features = backbone.encode_prompt_embeddings(embeddings, self.template.eot(2))
-        if not self.training and not needs_grad:
-            self._cache = (self._cache_key(), features)
-        else:
-            self._cache = None
-        return features
+        if self.training or needs_grad:
+            self._cache.clear()
+            return encode()
+        return self._cache.get([self.ctx_normal, self.ctx_abnormal, *backbone.text.parameters()], encode)
 
 
 class PromptQueryAdapter(nn.Module):

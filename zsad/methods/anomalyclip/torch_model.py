@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from zsad.backbone import CLIPBackbone, PromptTemplate
+from zsad.backbone import CLIPBackbone, PromptTemplate, TensorStateCache
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 from zsad.methods.anomalyclip.checkpoint import (
     check_frozen_parts,
@@ -124,7 +124,7 @@ class AnomalyCLIPModel(nn.Module):
             nn.Parameter(torch.randn(deep_prompt_length, width) * init_std) for _ in range(prompt_depth - 1)
         )
         self.smoothing = GaussianSmoothing(sigma)
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._text_cache = TensorStateCache()
 
     # -- text side --------------------------------------------------------------------------------------------------
 
@@ -150,11 +150,9 @@ class AnomalyCLIPModel(nn.Module):
         features = self.backbone.encode_prompt_embeddings(embeddings, eot, deep_prompts=deep)
         return F.normalize(features.float(), dim=-1)
 
-    def _text_cache_key(self) -> tuple:
-        # Every in-place change (optimiser step, load_state_dict, copy_) bumps a tensor's version; replacing a
-        # tensor or moving the module changes its storage. The frozen text tower is part of the key too.
-        tensors = [*self.prompt_parameters(), *self.backbone.text.parameters(), self.backbone.text_projection.weight]
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)  # noqa: SLF001
+    def _text_state(self) -> list[torch.Tensor]:
+        # The prompts and the frozen text tower: what the text features depend on.
+        return [*self.prompt_parameters(), *self.backbone.text.parameters(), self.backbone.text_projection.weight]
 
     def text_features(self) -> torch.Tensor:
         """``[2, E]`` normalised (normal, abnormal) text features.
@@ -167,16 +165,11 @@ class AnomalyCLIPModel(nn.Module):
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_parameters())
         if self.training or recording:
             return self.encode_prompts()
-        key = self._text_cache_key()
-        if self._text_cache is None or self._text_cache[0] != key:
-            # A normal tensor even when first computed under inference_mode, so that it can be reused anywhere.
-            with torch.inference_mode(False), torch.no_grad():
-                self._text_cache = (key, self.encode_prompts())
-        return self._text_cache[1]
+        return self._text_cache.get(self._text_state(), self.encode_prompts)
 
     def clear_text_cache(self) -> None:
         """Forget the cached text features (they are also invalidated automatically)."""
-        self._text_cache = None
+        self._text_cache.clear()
 
     def train(self, mode: bool = True) -> AnomalyCLIPModel:
         """Switch mode and drop the text cache."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from zsad.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPBackbone, PromptTemplate
+from zsad.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPBackbone, PromptTemplate, TensorStateCache
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 
 #: The paper's template; the learnable vectors take the place of ``{}`` (the removed ``[CLS]``). The final period
@@ -171,7 +171,7 @@ class CLIPADAModel(nn.Module):
         else:
             self.fixed_prompt = template.format(FIXED_CLASS_WORD)
             self.register_parameter("prompt_vectors", None)
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
+        self._text_cache = TensorStateCache()
 
         # Visual side: one unshared Linear(width -> C) per pass (coarse + R refinements).
         self.projections = nn.ModuleList(
@@ -207,11 +207,7 @@ class CLIPADAModel(nn.Module):
         ctx = self.prompt_vectors
         if ctx is None or torch.is_grad_enabled():
             return self._encode_prompt()
-        key = (ctx._version, ctx.data_ptr(), ctx.device, ctx.dtype)  # noqa: SLF001
-        if self._text_cache is None or self._text_cache[0] != key:
-            with torch.no_grad():
-                self._text_cache = (key, self._encode_prompt())
-        return self._text_cache[1]
+        return self._text_cache.get([ctx, *self.backbone.text.parameters()], self._encode_prompt)
 
     # -- vision -----------------------------------------------------------------------------------------------------
 

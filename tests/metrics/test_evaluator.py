@@ -181,3 +181,39 @@ def test_results_do_not_clash_with_the_csv_logger(tmp_path: Path) -> None:
     assert len(run_dirs) == 1
     assert (run_dirs[0] / "results" / "metrics.json").exists()
     assert (run_dirs[0] / "metrics.csv").exists()  # the logger's own file, intact
+
+
+def test_native_resolution_reads_masks_from_disk_and_resizes_the_maps(tmp_path: Path) -> None:
+    """Gogan at 256 (here 64) px evaluated natively while the model ran at 98 px: an oracle map scores 1.0."""
+    import torch.nn.functional as torch_f
+
+    from zsad.data import read_native_masks
+    from zsad.data.dataclasses import ZSADBatch, ZSADItem
+    from zsad.data.synthetic import make_gogan_like
+    from zsad.metrics.evaluator import native_resolution_samples
+    from zsad.metrics.per_category import PerCategoryMetrics
+
+    root = make_gogan_like(tmp_path / "gogan", size=64)
+    paths = sorted((root / "nunozumi" / "test").rglob("*.png"))[:6]
+    labels = [int(p.parent.name != "good") for p in paths]
+    mask_paths = [str(root / "nunozumi" / "ground_truth" / p.parent.name / f"{p.stem}_mask.png") if y else None
+                  for p, y in zip(paths, labels, strict=True)]
+    native = read_native_masks([str(p) for p in paths], mask_paths, torch.tensor(labels))
+    assert all(m.shape == (64, 64) for m in native) and any(m.any() for m in native)
+    # What a perfect model returns at its 98-px input: the mask, upsampled.
+    oracle = [torch_f.interpolate(m[None, None].float(), size=(98, 98), mode="nearest")[0, 0] for m in native]
+    items = [ZSADItem(image=torch.zeros(3, 98, 98), gt_label=torch.tensor(y), gt_mask=torch.zeros(98, 98, dtype=torch.bool),
+                      image_path=str(p), mask_path=mp or "", category="nunozumi")
+             for p, y, mp in zip(paths, labels, mask_paths, strict=True)]
+    batch = ZSADBatch.collate(items)
+    batch.mask_path = mask_paths
+    batch.update(pred_score=torch.tensor(labels, dtype=torch.float32), anomaly_map=torch.stack(oracle))
+    samples = native_resolution_samples(batch)
+    assert [tuple(s.anomaly_map.shape) for s in samples] == [(1, 64, 64)] * len(paths)
+    state = PerCategoryMetrics(True, 0.3, False)
+    for sample in samples:
+        state.update(sample)
+    metrics = state.compute()["metrics"]["nunozumi"]
+    assert metrics["pixel_auroc"] > 0.99 and metrics["pixel_aupro"] > 0.95
+    with pytest.raises(ValueError, match="resolution"):
+        ZSADEvaluator(resolution="original")

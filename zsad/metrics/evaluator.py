@@ -30,13 +30,16 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 from anomalib.metrics import Evaluator
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from zsad.data.dataclasses import batch_categories
 from zsad.metrics import functional as F
 from zsad.metrics.per_category import PerCategoryMetrics, unweighted_mean
 from zsad.metrics.report import MEAN_ROW, print_results, results_rows, write_results
@@ -57,6 +60,52 @@ def dataset_name(trainer: Trainer) -> str:
     return getattr(datamodule, "name", None) or type(datamodule).__name__.lower()
 
 
+RESOLUTIONS = ("input", "native")
+
+
+def native_resolution_samples(batch: Any, mask_threshold: int | None = None) -> list[SimpleNamespace]:  # noqa: ANN401
+    """Split a scored batch into single samples at the image files' resolution.
+
+    anomalib's ``PreProcessor`` resizes ``gt_mask`` to the model input, so native-resolution evaluation (the official
+    MVTec AU-PRO; Gogan at 256x256) reads each mask from its file and resizes the anomaly map to it (bilinear,
+    ``align_corners=False``), sample by sample because file sizes may differ within a batch (VisA).
+
+    Args:
+        batch: A scored anomalib / zsad batch with ``image_path``, ``mask_path``, ``gt_label`` and ``anomaly_map``.
+        mask_threshold: Mask binarisation threshold (``None``: the data layer's automatic rule).
+
+    Returns:
+        One batch-like object of size 1 per sample, accepted by the per-category store.
+    """
+    from zsad.data.files import read_native_masks
+
+    categories = batch_categories(batch)
+    masks = read_native_masks(batch.image_path, batch.mask_path, batch.gt_label, threshold=mask_threshold)
+    maps = batch.anomaly_map.detach().float()
+    maps = maps.squeeze(1) if maps.ndim == 4 else maps
+    scores = getattr(batch, "pred_score", None)
+    image = getattr(batch, "image", None)
+    samples = []
+    for i, mask in enumerate(masks):
+        size = tuple(mask.shape)
+        native_map = torch.nn.functional.interpolate(maps[i][None, None], size=size, mode="bilinear")[0]
+        native_image = None
+        if image is not None:  # for the overlays, which draw image, mask and map on one grid
+            native_image = torch.nn.functional.interpolate(image[i : i + 1].float(), size=size, mode="bilinear")
+        samples.append(
+            SimpleNamespace(
+                category=[categories[i]],
+                image_path=[batch.image_path[i]],
+                pred_score=None if scores is None else scores[i : i + 1],
+                anomaly_map=native_map,
+                gt_mask=mask[None],
+                gt_label=batch.gt_label[i : i + 1],
+                image=native_image,
+            )
+        )
+    return samples
+
+
 class ZSADEvaluator(Evaluator):
     """Exact per-category evaluation of raw anomaly scores for validation and test.
 
@@ -68,6 +117,9 @@ class ZSADEvaluator(Evaluator):
             with those papers (it is not AU-PRO).
         save_images: Overlays per category (anomalous first) written after testing, together with the ROC / PRO
             curve plots; also logged to W&B. 0 disables all pictures.
+        resolution: ``"input"`` evaluates pixels at the model input size (the papers' convention); ``"native"`` at
+            each image file's size (masks read from disk, maps resized bilinearly; official AU-PRO, Gogan at 256).
+        mask_threshold: Mask binarisation threshold for ``"native"`` (``None``: the data layer's automatic rule).
         output_dir: Folder of the results files; default ``<trainer.log_dir>/results`` (else under
             ``trainer.default_root_dir``).
 
@@ -84,6 +136,8 @@ class ZSADEvaluator(Evaluator):
         report_pro_repo: bool = False,
         save_images: int = 0,
         output_dir: str | None = None,
+        resolution: str = "input",
+        mask_threshold: int | None = None,
     ) -> None:
         super().__init__(val_metrics=None, test_metrics=None, compute_on_cpu=False)
         stages = (stages,) if isinstance(stages, str) else tuple(stages)
@@ -98,6 +152,10 @@ class ZSADEvaluator(Evaluator):
         self.report_pro_repo = report_pro_repo
         self.save_images = int(save_images)
         self.output_dir = output_dir
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+        self.resolution = resolution
+        self.mask_threshold = mask_threshold
         self.val_state = PerCategoryMetrics(compute_pixel, self.fpr_limit, report_pro_repo)
         self.test_state = PerCategoryMetrics(
             compute_pixel,
@@ -134,7 +192,7 @@ class ZSADEvaluator(Evaluator):
         """Accumulate a scored validation batch (sanity-check batches are ignored)."""
         del pl_module, outputs, batch_idx, dataloader_idx
         if "val" in self.stages and not trainer.sanity_checking:
-            self.val_state.update(batch)
+            self._update(self.val_state, batch)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute and log validation metrics."""
@@ -159,13 +217,18 @@ class ZSADEvaluator(Evaluator):
         """Accumulate a scored test batch."""
         del trainer, pl_module, outputs, batch_idx, dataloader_idx
         if "test" in self.stages:
-            self.test_state.update(batch)
+            self._update(self.test_state, batch)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute and log test metrics, write the results files, pictures and W&B table."""
         if "test" in self.stages:
             self._finish("test", trainer, pl_module)
         self.test_state.reset()
+
+    def _update(self, state: PerCategoryMetrics, batch: Any) -> None:  # noqa: ANN401
+        native = self.resolution == "native" and self.compute_pixel and getattr(batch, "anomaly_map", None) is not None
+        for sample in native_resolution_samples(batch, self.mask_threshold) if native else [batch]:
+            state.update(sample)
 
     def on_predict_batch_end(
         self,

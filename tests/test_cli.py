@@ -62,11 +62,18 @@ def test_wandb_logger_twice_in_the_same_directory(
     """WandbLogger works offline/disabled, and the second run does not crash on the saved config.yaml."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    import wandb
+
     args = _tiny_fit_args(tmp_path, mvtec_like_root, mvtec_like_root_b, "WandbLogger")
-    first = build_cli(args)
-    assert first.trainer.current_epoch == 1
-    second = build_cli(args)
-    assert second.trainer.current_epoch == 1
+    try:
+        first = build_cli(args)
+        assert first.trainer.current_epoch == 1
+        wandb.finish()
+        second = build_cli(args)
+        assert second.trainer.current_epoch == 1
+    finally:
+        wandb.finish()
+        wandb.teardown()  # wandb caches its settings per process; later tests must not inherit disabled mode
     assert any(tmp_path.rglob("config.yaml"))
 
 

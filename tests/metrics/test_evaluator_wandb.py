@@ -15,6 +15,7 @@ from zsad.metrics import ZSADEvaluator
 def test_offline_run_directory_has_table_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
+    wandb.teardown()  # settings cached by an earlier test in this process (e.g. disabled mode) must not leak in
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

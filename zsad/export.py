@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from zsad.atomic import atomic_path
+
 FORMAT = "zsad-trainable/1"
 
 
@@ -40,7 +42,8 @@ def _class_path(obj: object) -> str:
 def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], output: str | Path) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(output), metadata=metadata)
+    with atomic_path(output) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return output
 
 

@@ -68,7 +68,7 @@ def test_results_files(tested) -> None:
     mean_cells = markdown[-1].strip("| ").split(" | ")
     assert mean_cells[0] == "mean"
     assert mean_cells[COLUMNS.index("pixel_aupro") + 1] == f"{100 * evaluator.results['mean']['pixel_aupro']:.1f}"
-    assert not list(out.glob(".metrics*"))  # no temporary files left behind
+    assert not list(out.glob("*.tmp-*"))  # no temporary files left behind
 
 
 def test_pictures_are_written(tested) -> None:

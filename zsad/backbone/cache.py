@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -54,6 +53,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.tv_tensors import Mask
+
+from zsad.atomic import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class FeatureStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         identity_file = self.directory / "identity.json"
         if not identity_file.exists():
-            _atomic_write_text(identity_file, json.dumps(self.identity, indent=2, sort_keys=True, default=str))
+            atomic_write_text(identity_file, json.dumps(self.identity, indent=2, sort_keys=True, default=str))
         now = time.time()
         for tmp in self.directory.glob("*.tmp-*"):
             try:
@@ -297,14 +298,8 @@ class FeatureStore:
             "category": "" if category is None else str(category),
             "feature_dtypes": json.dumps(dtypes),
         }
-        final = self.path(item_key)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(self.path(item_key)) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
@@ -339,12 +334,6 @@ class FeatureStore:
     def size_bytes(self) -> int:
         """Bytes on disk of this identity's items."""
         return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from zsad.atomic import atomic_write_text
 from zsad.metrics.per_category import unweighted_mean
 
 __all__ = ["COLUMN_LABELS", "format_markdown", "print_results", "results_rows", "write_results"]
@@ -81,21 +80,6 @@ def _format_json(rows: Sequence[Row], columns: Sequence[str]) -> str:
     return json.dumps(clean, indent=2) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see a half-written table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(out_dir: str | Path, rows: Sequence[Row], columns: Sequence[str]) -> dict[str, Path]:
     """Write ``metrics.csv``, ``metrics.json`` and ``metrics.md`` into ``out_dir`` atomically.
 
@@ -115,7 +99,7 @@ def write_results(out_dir: str | Path, rows: Sequence[Row], columns: Sequence[st
         ("md", format_markdown(rows, columns) + "\n"),
     ):
         path = out_dir / f"metrics.{fmt}"
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
         written[fmt] = path
     return written
 

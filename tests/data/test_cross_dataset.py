@@ -173,3 +173,18 @@ def test_unknown_dataset_and_keys_are_rejected(mvtec_like_root) -> None:
         CrossDataset(train={"dataset": "mvtecc", "root": mvtec_like_root}, test={"dataset": "mvtec", "root": "."})
     with pytest.raises(ValueError, match="unknown key"):
         CrossDataset(train={"dataset": "mvtec", "roots": mvtec_like_root}, test={"dataset": "mvtec", "root": "."})
+
+
+def test_validation_keys_name_the_dataset_validated_on(mvtec_like_root, visa_like_root) -> None:
+    """Held out of the source pool → `val/visa/...`; validated on the target → `val/mvtec/...`; tests always B."""
+    from types import SimpleNamespace
+
+    from zsad.metrics.evaluator import dataset_name
+
+    held_out = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                            test={"dataset": "mvtec", "root": str(mvtec_like_root)}, val_split_mode="from_train")
+    on_target = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                             test={"dataset": "mvtec", "root": str(mvtec_like_root)}, val_split_mode="same_as_test")
+    assert dataset_name(SimpleNamespace(datamodule=held_out), "val") == "visa"
+    assert dataset_name(SimpleNamespace(datamodule=held_out), "test") == "mvtec"
+    assert dataset_name(SimpleNamespace(datamodule=on_target), "val") == "mvtec"

@@ -165,6 +165,11 @@ class ZSADDataModule(AnomalibDataModule):
         return self._dataset_name
 
     @property
+    def val_name(self) -> str:
+        """Dataset name of the validation split in metric keys (the same dataset here)."""
+        return self.name
+
+    @property
     def category_names(self) -> list[str]:
         """Test categories."""
         return [self.category]
@@ -765,6 +770,13 @@ class _PooledDataModule(ZSADDataModule):
     def train_category_names(self) -> list[str]:
         """Training categories."""
         return self._source_categories("train")
+
+    @property
+    def val_name(self) -> str:
+        """Validation metric keys name the dataset validated on: the source when held out of its pool."""
+        if ValSplitMode(self.val_split_mode) == ValSplitMode.FROM_TRAIN:
+            return self.train_source.display_name
+        return self.name
 
     def prepare_data(self) -> None:
         """Check both roots (raising with the expected layout), convert raw VisA, download if allowed."""

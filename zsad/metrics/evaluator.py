@@ -52,12 +52,17 @@ STAGES = ("val", "test")
 CURVE_POINTS = 512
 
 
-def dataset_name(trainer: Trainer) -> str:
-    """The dataset part of logged keys: the datamodule's ``name`` or its lower-cased class name."""
+def dataset_name(trainer: Trainer, stage: str = "test") -> str:
+    """The dataset part of logged keys: the datamodule's ``val_name`` (validation) or ``name``, else its class name.
+
+    A cross-dataset run validating on a held-out part of its *source* logs ``val/<source>/...`` and tests as
+    ``test/<target>/...``.
+    """
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         return "dataset"
-    return getattr(datamodule, "name", None) or type(datamodule).__name__.lower()
+    name = getattr(datamodule, "val_name", None) if stage == "val" else None
+    return name or getattr(datamodule, "name", None) or type(datamodule).__name__.lower()
 
 
 RESOLUTIONS = ("input", "native")
@@ -262,7 +267,7 @@ class ZSADEvaluator(Evaluator):
         table = {**per_category, MEAN_ROW: unweighted_mean(per_category, columns)}
         self.results = table
         self.results_by_stage[stage] = table
-        dataset = dataset_name(trainer)
+        dataset = dataset_name(trainer, stage)
         for category, values in table.items():
             for metric, value in values.items():
                 if math.isnan(value):

@@ -188,3 +188,18 @@ def test_validation_keys_name_the_dataset_validated_on(mvtec_like_root, visa_lik
     assert dataset_name(SimpleNamespace(datamodule=held_out), "val") == "visa"
     assert dataset_name(SimpleNamespace(datamodule=held_out), "test") == "mvtec"
     assert dataset_name(SimpleNamespace(datamodule=on_target), "val") == "mvtec"
+
+
+def test_training_references_come_from_the_source_train_split(mvtec_like_root, visa_like_root) -> None:
+    import pytest
+
+    datamodule = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                              test={"dataset": "mvtec", "root": str(mvtec_like_root)})
+    datamodule.setup()
+    first = datamodule.training_references("candle", 2, seed=5)
+    again = datamodule.training_references("candle", 2, seed=5)
+    assert first.image_path == again.image_path and len(first.image_path) == 2
+    assert all("/candle/train/good/" in p.replace("\\", "/") for p in first.image_path)
+    assert first.category == ["candle", "candle"] and not first.gt_label.any()
+    with pytest.raises(ValueError, match="training category"):
+        datamodule.training_references("alpha", 1, seed=0)  # a target category, not a source one

@@ -818,12 +818,33 @@ class _PooledDataModule(ZSADDataModule):
             ", ".join(self.category_names),
         )
 
-    def _reference_source(self) -> tuple[DatasetSpec, Path, int | None]:
-        source = self.test_source
+    def _reference_source(self, role: str = "test") -> tuple[DatasetSpec, Path, int | None]:
+        source = self.test_source if role == "test" else self.train_source
         return (
             source.spec,
             source.path,
             source.mask_threshold if source.mask_threshold is not None else self.mask_threshold,
+        )
+
+    def training_references(self, category: str, k: int, seed: int) -> ZSADBatch:
+        """``k`` normal images of a *training* category from the source dataset's train split.
+
+        The training pool is the source's labelled test split; methods that prompt with a normal image of the same
+        category while training (AdaptCLIP) draw it here, seeded, resized like the other samples, not normalised.
+
+        Raises:
+            ValueError: Unknown training category, ``k < 1`` or fewer than ``k`` normal training images.
+        """
+        if category not in self.train_category_names:
+            msg = f"Unknown training category {category!r}; training categories: {self.train_category_names}."
+            raise ValueError(msg)
+        spec, root, threshold = self._reference_source("train")
+        samples = self._scan(spec, root, category)
+        if self.check_files:
+            self._split_samples(spec, root, category, "train", threshold)
+        return sample_references(
+            samples, k, seed, category=category, transform=self.eval_transform(),
+            dataset_name=self.train_source.display_name,
         )
 
 

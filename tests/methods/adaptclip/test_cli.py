@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from zsad.cli import build_cli
-from zsad.data import ZSADDataModule
+from zsad.data import CrossDataset, ZSADDataModule
 from zsad.data.synthetic import make_mvtec_like, make_visa_like
 from zsad.methods.adaptclip import AdaptCLIP
-from zsad.methods.adaptclip import lightning_model as adaptclip_lightning
 
 CONFIGS = Path(__file__).parents[3] / "configs" / "adaptclip"
 
@@ -50,15 +49,15 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     target = make_visa_like(tmp / "visa", domain="b", n_train=4)
     common = _common(tmp, source, target)
     drawn: list[tuple[str, list[str]]] = []
-    original = adaptclip_lightning.sample_references
+    original = CrossDataset.training_references
 
-    def spy(samples, k, seed, *, category, transform=None, dataset_name="zsad"):  # noqa: ANN001, ANN202
-        batch = original(samples, k, seed, category=category, transform=transform, dataset_name=dataset_name)
+    def spy(self, category, k, seed):  # noqa: ANN001, ANN202
+        batch = original(self, category, k, seed)
         drawn.append((category, list(batch.image_path)))
         return batch
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(adaptclip_lightning, "sample_references", spy)
+        mp.setattr(CrossDataset, "training_references", spy)
         cli = build_cli(
             [
                 "fit",

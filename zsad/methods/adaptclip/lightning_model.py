@@ -30,8 +30,7 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from zsad.backbone import DEFAULT_BACKBONE, create_backbone
-from zsad.data import batch_categories, sample_references
-from zsad.data.layouts import scan_category
+from zsad.data import batch_categories
 from zsad.methods.adaptclip.official import load_official_checkpoint
 from zsad.methods.adaptclip.torch_model import TEMPERATURE, AdaptCLIPModel
 from zsad.methods.base import ZSADModule
@@ -131,7 +130,6 @@ class AdaptCLIP(ZSADModule, AnomalibModule):
         self._reference_memory: dict[str, torch.Tensor] = {}
         self._reference_datamodule: int | None = None
         self._prompt_generator: torch.Generator | None = None
-        self._source_samples: dict[str, Any] = {}
 
     # -- training ---------------------------------------------------------------------------------------------------
 
@@ -142,25 +140,19 @@ class AdaptCLIP(ZSADModule, AnomalibModule):
     def _source_reference(self, category: str, seed: int) -> torch.Tensor:
         """One random normal image of ``category`` from the source dataset's train split, ``[1, 3, S, S]``.
 
-        Resized, not normalised. The data layer's ``few_shot_references`` draws from the *target*; the source's train
-        split is reached through a ``training_references(category, k, seed)`` hook when the datamodule has one, else
-        through its ``train_source`` with the same sampler (:func:`zsad.data.sample_references`).
+        Resized, not normalised, from the datamodule's ``training_references(category, k, seed)``
+        (:class:`zsad.data.CrossDataset`); ``few_shot_references`` would draw from the *target*.
         """
         datamodule = self.trainer.datamodule
         hook = getattr(datamodule, "training_references", None)
-        if callable(hook):
-            return hook(category, 1, seed).image
-        source = getattr(datamodule, "train_source", None)
-        if source is None:
+        if not callable(hook):
             msg = (
-                f"AdaptCLIP training needs one normal image of the sample's category from the source's train split; "
-                f"{type(datamodule).__name__} has no `train_source` (use zsad.data.CrossDataset)."
+                "AdaptCLIP training needs one normal image of each sample's category from the source's train split: "
+                f"{type(datamodule).__name__} has no `training_references(category, k, seed)` (use "
+                "zsad.data.CrossDataset)."
             )
             raise RuntimeError(msg)
-        if category not in self._source_samples:
-            self._source_samples[category] = scan_category(source.spec, source.path, category)
-        samples = self._source_samples[category]
-        return sample_references(samples, 1, seed, category=category, transform=datamodule.eval_transform()).image
+        return hook(category, 1, seed).image
 
     def _training_prompts(self, batch: Any) -> torch.Tensor:  # noqa: ANN401
         """One random normal train image of the sample's category per query (drawn with replacement), normalised."""

@@ -35,8 +35,11 @@ DESCRIPTION = (
 
 
 class ZSADCLI(LightningCLI):
-    """LightningCLI with zsad's defaults: zsad's models and datamodules importable by short name, the config saved
-    without clashing with a previous run, and ``--test_after_fit`` for the source-train → target-test protocol."""
+    """LightningCLI with zsad's defaults.
+
+    zsad's models and datamodules are importable by short name, the config is saved without clashing with a previous
+    run, and ``--test_after_fit`` runs the source-train → target-test protocol in one invocation.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--test_after_fit``."""

@@ -202,7 +202,8 @@ def test_native_resolution_reads_masks_from_disk_and_resizes_the_maps(tmp_path: 
     assert all(m.shape == (64, 64) for m in native) and any(m.any() for m in native)
     # What a perfect model returns at its 98-px input: the mask, upsampled.
     oracle = [torch_f.interpolate(m[None, None].float(), size=(98, 98), mode="nearest")[0, 0] for m in native]
-    items = [ZSADItem(image=torch.zeros(3, 98, 98), gt_label=torch.tensor(y), gt_mask=torch.zeros(98, 98, dtype=torch.bool),
+    empty = torch.zeros(98, 98, dtype=torch.bool)
+    items = [ZSADItem(image=torch.zeros(3, 98, 98), gt_label=torch.tensor(y), gt_mask=empty,
                       image_path=str(p), mask_path=mp or "", category="nunozumi")
              for p, y, mp in zip(paths, labels, mask_paths, strict=True)]
     batch = ZSADBatch.collate(items)

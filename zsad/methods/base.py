@@ -36,7 +36,7 @@ from zsad.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPBackbone
 
 
 def clip_pre_processor(image_size: int) -> PreProcessor:
-    """anomalib pre-processor for CLIP: squash resize (bicubic, antialias) to ``image_size`` + OpenAI normalisation.
+    """Anomalib pre-processor for CLIP: squash resize (bicubic, antialias) to ``image_size`` + OpenAI normalisation.
 
     Only ``Resize``/``Normalize``/``Compose`` are used, the transforms anomalib 2.7 persists in checkpoints.
     """
@@ -93,7 +93,7 @@ class ZSADModule:
         return
 
     def configure_evaluator(self):  # noqa: ANN201 - zsad.metrics.ZSADEvaluator
-        """zsad's exact per-category evaluator (image AUROC/AP/F1-max, pixel AUROC/AP/F1-max/AU-PRO)."""
+        """Zsad's exact per-category evaluator (image AUROC/AP/F1-max, pixel AUROC/AP/F1-max/AU-PRO)."""
         from zsad.metrics import ZSADEvaluator
 
         return ZSADEvaluator()

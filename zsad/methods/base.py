@@ -77,6 +77,9 @@ class ZSADModule:
     supports_feature_cache: bool = False
     #: Cache directory of frozen features (``None``: no cache); methods set it from their ``feature_cache`` argument.
     feature_cache: str | None = None
+    #: Scores depend on other batches (a transductive method): steps only store, and the evaluator takes the scored
+    #: batches from ``pop_deferred_predictions(final: bool) -> list[batch]`` (``final`` at epoch end, on every rank).
+    defers_predictions: bool = False
 
     # -- anomalib components ----------------------------------------------------------------------------------------
 

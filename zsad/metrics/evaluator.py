@@ -195,13 +195,16 @@ class ZSADEvaluator(Evaluator):
         dataloader_idx: int = 0,
     ) -> None:
         """Accumulate a scored validation batch (sanity-check batches are ignored)."""
-        del pl_module, outputs, batch_idx, dataloader_idx
+        del outputs, batch_idx, dataloader_idx
         if "val" in self.stages and not trainer.sanity_checking:
-            self._update(self.val_state, batch)
+            for scored in self._scored_batches(pl_module, batch, final=False):
+                self._update(self.val_state, scored)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute and log validation metrics."""
         if "val" in self.stages and not trainer.sanity_checking:
+            for scored in self._scored_batches(pl_module, None, final=True):
+                self._update(self.val_state, scored)
             self._finish("val", trainer, pl_module)
         self.val_state.reset()
 
@@ -220,15 +223,31 @@ class ZSADEvaluator(Evaluator):
         dataloader_idx: int = 0,
     ) -> None:
         """Accumulate a scored test batch."""
-        del trainer, pl_module, outputs, batch_idx, dataloader_idx
+        del trainer, outputs, batch_idx, dataloader_idx
         if "test" in self.stages:
-            self._update(self.test_state, batch)
+            for scored in self._scored_batches(pl_module, batch, final=False):
+                self._update(self.test_state, scored)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Compute and log test metrics, write the results files, pictures and W&B table."""
         if "test" in self.stages:
+            for scored in self._scored_batches(pl_module, None, final=True):
+                self._update(self.test_state, scored)
             self._finish("test", trainer, pl_module)
         self.test_state.reset()
+
+    @staticmethod
+    def _scored_batches(pl_module: LightningModule, batch: Any, final: bool) -> list[Any]:  # noqa: ANN401
+        """The scored batches to accumulate now: this batch, or what a deferring method has finished.
+
+        A method whose scores depend on other batches (MuSc: every test image of a category) sets
+        ``defers_predictions = True``; its steps only store, and ``pop_deferred_predictions(final)`` hands over the
+        batches it has scored so far (``final=True`` at epoch end: everything left; collective under DDP, so it is
+        called on every rank).
+        """
+        if not getattr(pl_module, "defers_predictions", False):
+            return [] if batch is None else [batch]
+        return list(pl_module.pop_deferred_predictions(final=final))
 
     def _update(self, state: PerCategoryMetrics, batch: Any) -> None:  # noqa: ANN401
         native = self.resolution == "native" and self.compute_pixel and getattr(batch, "anomaly_map", None) is not None

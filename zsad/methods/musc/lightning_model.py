@@ -1,0 +1,327 @@
+"""Lightning glue for MuSc (Li et al., ICLR 2024): training-free, transductive, inside Lightning's test loop.
+
+Spec ``shared/specs/baselines.md`` §4; official code xrli-U/MuSc (b76b93d).
+
+A MuSc score depends on every test image of the category, so ``test_step`` / ``validation_step`` only encode and
+store (``defers_predictions = True``). A category is scored as soon as it is complete — all of its images (counted
+from the dataset's ``category`` column, summed over ranks) have been encoded — and at epoch end for whatever is
+left; the scored batches then go to the evaluator (``pop_deferred_predictions``), which computes metrics as for any
+other method. Only the categories in progress are held in memory.
+
+Under DDP each rank stores its own images; when a category is complete every rank gathers the category's tokens
+(de-duplicated by image path — the DistributedSampler pads with repeats — and put in sorted-path order), scores
+*its own* images against all of them, and the image maxima are gathered for RsCIN over the whole category. The
+numbers therefore equal the single-process ones.
+
+Example:
+    >>> from zsad.methods.musc import MuSc
+    >>> model = MuSc(backbone="tiny", weights="random", image_size=98)
+    >>> model.learning_type.value
+    'zero_shot'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from anomalib.metrics import Evaluator
+from anomalib.models import AnomalibModule
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from zsad.backbone import DEFAULT_BACKBONE, create_backbone
+from zsad.data.dataclasses import batch_categories
+from zsad.methods.base import ZSADModule
+from zsad.methods.musc.torch_model import MuScModel, stratified_subsets
+
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class _StoredBatch:
+    """A batch waiting for its scores, with its frozen features."""
+
+    batch: Any
+    categories: list[str]
+    paths: list[str]
+    tokens: torch.Tensor | None  # [B, L, P, C]; None once scored
+    embedding: torch.Tensor | None  # [B, E]
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+    maps: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = [None] * len(self.paths)
+        self.maps = [None] * len(self.paths)
+
+    @property
+    def complete(self) -> bool:
+        return all(score is not None for score in self.scores)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_objects(obj: Any) -> list[Any]:  # noqa: ANN401
+    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
+    if _world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class MuSc(ZSADModule, AnomalibModule):
+    """MuSc: mutual scoring of the unlabeled test images of each category, LNAMD features and RsCIN re-scoring.
+
+    Args:
+        backbone: CLIP hub id (default OpenAI ViT-L/14@336), local directory or shipped architecture (``tiny``).
+        weights: ``"pretrained"`` or ``"random"``.
+        image_size: Input side (518; position embeddings bicubically interpolated, as open_clip).
+        layers: 1-based layers of the raw residual tokens (``hidden_states[6, 12, 18, 24]``).
+        r_list: LNAMD aggregation degrees (1, 3, 5).
+        k_ratio: MSM averages the ``int(k_ratio·(N−1))`` smallest image distances (0.3); at least 1 (N ≤ 4 gives 0
+            and NaN scores in the official code).
+        k_list: RsCIN neighbourhood sizes: ``[1, 2, 3]`` MVTec AD (and the official default), ``[1, 8, 9]`` VisA;
+            ``[0]`` or ``[]`` disables RsCIN (image score = maximum of the map).
+        divide_num: Split each category into this many subsets stratified by defect folder and score each image
+            within its subset only (memory and time / ``divide_num``; the official ``divide_num``). RsCIN still runs
+            over the whole category.
+        divide_seed: Seed of the subset split.
+        ref_chunk: Reference images per distance block (memory ≈ ``4·G⁴·ref_chunk`` bytes; results do not depend
+            on it).
+        feature_dtype: ``"float16"`` (the official stores fp16 tokens from its autocast encoder), ``"bfloat16"`` or
+            ``"float32"``; scoring is always float32 / float64.
+        pre_processor: anomalib pre-processor or flag.
+        post_processor: anomalib post-processor or flag (none by default: raw scores).
+        evaluator: Evaluator or flag (zsad's exact per-category evaluator by default).
+        visualizer: anomalib visualizer or flag (off by default).
+    """
+
+    defers_predictions = True
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        weights: str = "pretrained",
+        image_size: int = 518,
+        layers: tuple[int, ...] = (6, 12, 18, 24),
+        r_list: tuple[int, ...] = (1, 3, 5),
+        k_ratio: float = 0.3,
+        k_list: tuple[int, ...] = (1, 2, 3),
+        divide_num: int = 1,
+        divide_seed: int = 0,
+        ref_chunk: int = 16,
+        feature_dtype: str = "float16",
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = False,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
+        if divide_num < 1:
+            raise ValueError(f"divide_num must be >= 1, got {divide_num}")
+        clip = create_backbone(
+            backbone, weights=weights, image_size=image_size, pos_interpolation="bicubic", load_text=False
+        )
+        self.model = MuScModel(
+            clip,
+            layers=tuple(layers),
+            r_list=tuple(r_list),
+            k_ratio=k_ratio,
+            k_list=tuple(k_list),
+            ref_chunk=ref_chunk,
+            feature_dtype=FEATURE_DTYPES[feature_dtype],
+        )
+        self.divide_num = int(divide_num)
+        self.divide_seed = int(divide_seed)
+        self._reset()
+
+    # -- no training ------------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        """Refuse ``fit``: MuSc has nothing to learn."""
+        msg = (
+            "MuSc is training-free (zero-shot, transductive): there is nothing to fit. Run `zsad test -c "
+            "configs/musc/mvtec.yaml` (or anomalib's Engine.test / Engine.validate)."
+        )
+        raise RuntimeError(msg)
+
+    def configure_optimizers(self) -> None:
+        """No optimiser: nothing is trainable."""
+        return
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:  # noqa: ANN401, ARG002
+        """Refused: a score needs every image of the category, which ``predict`` does not gather."""
+        msg = (
+            "MuSc is transductive: an image's score depends on all test images of its category, so it runs through "
+            "`zsad test` / `zsad validate`; for a list of images of one category call `MuSc(...).model(images)`."
+        )
+        raise NotImplementedError(msg)
+
+    # -- storing ----------------------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._stored: list[_StoredBatch] = []
+        self._by_category: dict[str, list[tuple[_StoredBatch, int]]] = {}
+        self._expected: dict[str, int] | None = None
+        self._seen: dict[str, int] = {}
+        self._done: set[str] = set()
+        self._image_size: tuple[int, int] | None = None
+
+    def _expected_counts(self, dataloaders: Any) -> dict[str, int] | None:  # noqa: ANN401
+        """Images per category from the dataset's ``category`` column; ``None`` (score at epoch end) if unknown."""
+        if isinstance(dataloaders, list | tuple):
+            if len(dataloaders) != 1:
+                return None
+            dataloaders = dataloaders[0]
+        samples = getattr(getattr(dataloaders, "dataset", None), "samples", None)
+        if samples is None or "category" not in getattr(samples, "columns", ()):
+            return None
+        return {str(k): int(v) for k, v in samples["category"].value_counts().items()}
+
+    def _start(self, dataloaders: Any) -> None:  # noqa: ANN401
+        self._reset()
+        self._expected = self._expected_counts(dataloaders)
+
+    def on_validation_epoch_start(self) -> None:
+        """Empty store; read the category sizes of the validation set."""
+        self._start(self.trainer.val_dataloaders)
+
+    def on_test_epoch_start(self) -> None:
+        """Empty store; read the category sizes of the test set."""
+        self._start(self.trainer.test_dataloaders)
+
+    def on_validation_epoch_end(self) -> None:
+        """Free the features (the evaluator has taken the scores)."""
+        self._reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Free the features (the evaluator has taken the scores)."""
+        self._reset()
+
+    def _store(self, batch: Any) -> Any:  # noqa: ANN401
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return batch  # the sanity check's few batches are no category
+        paths = [None if p is None else str(p) for p in (getattr(batch, "image_path", None) or [None] * len(batch.image))]
+        if any(p is None for p in paths):
+            msg = "MuSc needs each test image's path (image_path) to identify images across batches and processes."
+            raise ValueError(msg)
+        features = self.model.encode(batch.image)
+        self._image_size = tuple(int(s) for s in batch.image.shape[-2:])
+        stored = _StoredBatch(batch, batch_categories(batch), paths, features["tokens"], features["embedding"])
+        self._stored.append(stored)
+        for index, category in enumerate(stored.categories):
+            self._by_category.setdefault(category, []).append((stored, index))
+            self._seen[category] = self._seen.get(category, 0) + 1
+        self._score_complete_categories()
+        return batch
+
+    def validation_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401, ARG002
+        """Encode and store; scores come once the category is complete."""
+        return self._store(batch)
+
+    def test_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401, ARG002
+        """Encode and store; scores come once the category is complete."""
+        return self._store(batch)
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
+
+    def _score_complete_categories(self) -> None:
+        """Score every category whose images have all been encoded (by all ranks; collective under DDP)."""
+        if self._expected is None:
+            return
+        names = sorted(self._expected)
+        counts = torch.tensor([self._seen.get(name, 0) for name in names], dtype=torch.long, device=self.device)
+        if _world_size() > 1:
+            # Every rank runs the same number of steps (DistributedSampler pads), so this collective is in lock-step.
+            counts = self.all_gather(counts).reshape(-1, len(names)).sum(dim=0)
+        for name, count in zip(names, counts.tolist(), strict=True):
+            if name not in self._done and count >= self._expected[name]:
+                self._score_category(name)
+
+    def _score_category(self, category: str) -> None:
+        """MuSc over one whole category; writes scores and maps of this rank's images (collective under DDP)."""
+        records = self._by_category.pop(category, [])
+        self._done.add(category)
+        paths = [stored.paths[index] for stored, index in records]
+        if records:
+            tokens = torch.stack([stored.tokens[index] for stored, index in records])
+            embedding = torch.stack([stored.embedding[index] for stored, index in records])
+        else:
+            tokens = embedding = None
+        tokens, embedding, all_paths = self._gather_category(tokens, embedding, paths)
+        canonical = sorted(set(all_paths))  # rank- and batch-order-free: DDP equals one process exactly
+        position = {path: i for i, path in enumerate(canonical)}
+        first = [all_paths.index(path) for path in canonical]
+        tokens, embedding = tokens[first], embedding[first]
+        subsets = stratified_subsets(canonical, self.divide_num, self.divide_seed)
+        queries = sorted({position[path] for path in paths})
+        image_size = self._image_size or (self.hparams.image_size, self.hparams.image_size)
+        maps = self.model.score_maps(tokens, image_size, queries=queries, subsets=subsets) if queries else None
+        image_scores = torch.full((len(canonical),), float("nan"), dtype=torch.float64, device=embedding.device)
+        local_max = maps.flatten(1).amax(dim=1).cpu() if maps is not None else torch.empty(0, dtype=torch.float64)
+        for indices, values in _gather_objects((queries, local_max)):
+            image_scores[indices] = values.to(image_scores.device)
+        final = self.model.rescore(image_scores, embedding)
+        row_of = {i: row for row, i in enumerate(queries)}
+        for (stored, index), path in zip(records, paths, strict=True):
+            stored.scores[index] = final[position[path]]
+            stored.maps[index] = maps[row_of[position[path]]].float()
+            if stored.complete:
+                stored.tokens = stored.embedding = None  # free the features before the evaluator takes the batch
+
+    def _gather_category(
+        self, tokens: torch.Tensor | None, embedding: torch.Tensor | None, paths: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Tokens, embeddings and paths of one category from every rank (rows in rank order, duplicates kept)."""
+        if _world_size() == 1:
+            return tokens, embedding, paths
+        all_paths = _gather_objects(paths)
+        most = max(len(p) for p in all_paths)
+        shapes = [s for s in _gather_objects(None if tokens is None else (tuple(tokens.shape[1:]), embedding.shape[1]))]
+        token_shape, embed_dim = next(s for s in shapes if s is not None)
+        dtype = self.model.feature_dtype
+        padded_tokens = torch.zeros(most, *token_shape, dtype=dtype, device=self.device)
+        padded_embedding = torch.zeros(most, embed_dim, dtype=torch.float32, device=self.device)
+        if tokens is not None:
+            padded_tokens[: len(tokens)] = tokens
+            padded_embedding[: len(embedding)] = embedding
+        gathered_tokens = self.all_gather(padded_tokens)  # [W, most, L, P, C]
+        gathered_embedding = self.all_gather(padded_embedding)
+        keep = [(rank, row) for rank, rank_paths in enumerate(all_paths) for row in range(len(rank_paths))]
+        rows_tokens = torch.stack([gathered_tokens[rank, row] for rank, row in keep])
+        rows_embedding = torch.stack([gathered_embedding[rank, row] for rank, row in keep])
+        return rows_tokens, rows_embedding, [path for rank_paths in all_paths for path in rank_paths]
+
+    def pop_deferred_predictions(self, final: bool = False) -> list[Any]:
+        """Batches whose every image is scored, in step order (``final``: score what is left first; collective).
+
+        Returns:
+            The stored batches with ``pred_score`` ``[B]`` and ``anomaly_map`` ``[B, H, W]`` (float32) filled in.
+        """
+        if final:
+            pending = sorted({name for names in _gather_objects(sorted(self._by_category)) for name in names})
+            for category in pending:
+                self._score_category(category)
+        ready, waiting = [], []
+        for stored in self._stored:
+            (ready if stored.complete else waiting).append(stored)
+        self._stored = waiting
+        out = []
+        for stored in ready:
+            scores = torch.stack([score.float() for score in stored.scores])
+            maps = torch.stack(stored.maps)
+            out.append(stored.batch.update(pred_score=scores.to(maps.device), anomaly_map=maps))
+        return out

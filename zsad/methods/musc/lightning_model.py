@@ -179,14 +179,23 @@ class MuSc(ZSADModule, AnomalibModule):
         self._seen: dict[str, int] = {}
         self._done: set[str] = set()
         self._image_size: tuple[int, int] | None = None
+        # DistributedSampler pads the last batches with repeats of the dataset's first images, possibly long after
+        # their category was scored and freed: those few paths keep their results.
+        self._repeatable: set[str] = set()
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _expected_counts(self, dataloaders: Any) -> dict[str, int] | None:  # noqa: ANN401
-        """Images per category from the dataset's ``category`` column; ``None`` (score at epoch end) if unknown."""
+    @staticmethod
+    def _samples(dataloaders: Any) -> Any:  # noqa: ANN401
+        """The anomalib samples table of the (single) dataloader's dataset, or ``None``."""
         if isinstance(dataloaders, list | tuple):
             if len(dataloaders) != 1:
                 return None
             dataloaders = dataloaders[0]
-        samples = getattr(getattr(dataloaders, "dataset", None), "samples", None)
+        return getattr(getattr(dataloaders, "dataset", None), "samples", None)
+
+    def _expected_counts(self, dataloaders: Any) -> dict[str, int] | None:  # noqa: ANN401
+        """Images per category from the dataset's ``category`` column; ``None`` (score at epoch end) if unknown."""
+        samples = self._samples(dataloaders)
         if samples is None or "category" not in getattr(samples, "columns", ()):
             return None
         return {str(k): int(v) for k, v in samples["category"].value_counts().items()}
@@ -194,6 +203,11 @@ class MuSc(ZSADModule, AnomalibModule):
     def _start(self, dataloaders: Any) -> None:  # noqa: ANN401
         self._reset()
         self._expected = self._expected_counts(dataloaders)
+        samples = self._samples(dataloaders)
+        world = _world_size()
+        if self._expected is not None and world > 1 and "image_path" in samples.columns:
+            # Padding repeats at most the first world_size - 1 samples of the (unshuffled) test set.
+            self._repeatable = {str(path) for path in samples["image_path"].iloc[: world - 1]}
 
     def on_validation_epoch_start(self) -> None:
         """Empty store; read the category sizes of the validation set."""
@@ -223,6 +237,15 @@ class MuSc(ZSADModule, AnomalibModule):
         stored = _StoredBatch(batch, batch_categories(batch), paths, features["tokens"], features["embedding"])
         self._stored.append(stored)
         for index, category in enumerate(stored.categories):
+            if category in self._done:  # a sampler's padding repeat of an image scored earlier
+                if paths[index] not in self._kept:
+                    msg = (
+                        f"MuSc: image {paths[index]} of category {category!r} arrived after the category was scored; "
+                        "test sets must be read unshuffled (Lightning's default) so each category is complete once."
+                    )
+                    raise RuntimeError(msg)
+                stored.scores[index], stored.maps[index] = self._kept[paths[index]]
+                continue
             self._by_category.setdefault(category, []).append((stored, index))
             self._seen[category] = self._seen.get(category, 0) + 1
         self._score_complete_categories()
@@ -267,7 +290,8 @@ class MuSc(ZSADModule, AnomalibModule):
         first = [all_paths.index(path) for path in canonical]
         tokens, embedding = tokens[first], embedding[first]
         subsets = stratified_subsets(canonical, self.divide_num, self.divide_seed)
-        queries = sorted({position[path] for path in paths})
+        repeatable = {position[path] for path in canonical if path in self._repeatable}
+        queries = sorted({position[path] for path in paths} | repeatable)
         image_size = self._image_size or (self.hparams.image_size, self.hparams.image_size)
         maps = self.model.score_maps(tokens, image_size, queries=queries, subsets=subsets) if queries else None
         image_scores = torch.full((len(canonical),), float("nan"), dtype=torch.float64, device=embedding.device)
@@ -276,6 +300,8 @@ class MuSc(ZSADModule, AnomalibModule):
             image_scores[indices] = values.to(image_scores.device)
         final = self.model.rescore(image_scores, embedding)
         row_of = {i: row for row, i in enumerate(queries)}
+        for i in repeatable:
+            self._kept[canonical[i]] = (final[i], maps[row_of[i]].float())
         for (stored, index), path in zip(records, paths, strict=True):
             stored.scores[index] = final[position[path]]
             stored.maps[index] = maps[row_of[position[path]]].float()

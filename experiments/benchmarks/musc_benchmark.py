@@ -40,6 +40,7 @@ def peak_rss_gib() -> float:
 
 
 def main() -> None:
+    """Measure both stages and print (and optionally write) the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200, help="images in the category (N)")
     parser.add_argument("--image_size", type=int, default=518)

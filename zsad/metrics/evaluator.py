@@ -5,7 +5,9 @@
 ``configure_callbacks()`` registers it. The model's ``validation_step`` / ``test_step`` fill ``pred_score`` and
 ``anomaly_map`` on the batch in place (raw scores, float32); the evaluator then
 
-* accumulates each batch in ``on_{validation,test}_batch_end`` (:class:`~zsad.metrics.per_category.PerCategoryMetrics`),
+* accumulates each batch in ``on_{validation,test}_batch_end`` (:class:`~zsad.metrics.per_category.PerCategoryMetrics`);
+  a method with ``defers_predictions = True`` (transductive, e.g. MuSc) instead hands over batches once it has scored
+  them, through ``pop_deferred_predictions(final)`` at batch end and (``final=True``) at epoch end,
 * at epoch end computes, per category, image AUROC / AP / F1-max and pixel AUROC / AP / F1-max / AU-PRO (optionally the
   repositories' PRO) exactly, then the unweighted mean over categories,
 * logs ``{stage}/{dataset}/{category}/{metric}`` and ``{stage}/{dataset}/mean/{metric}`` with ``pl_module.log``,

@@ -24,14 +24,16 @@ def record_deliveries(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     def recording(self: MuSc, final: bool = False) -> list:
         out = original(self, final)
         for batch in out:
-            delivered.append({
-                "final": final,
-                "category": list(batch.category),
-                "path": list(batch.image_path),
-                "score": batch.pred_score.clone(),
-                "map": batch.anomaly_map.clone(),
-                "image": batch.image.clone(),
-            })
+            delivered.append(
+                {
+                    "final": final,
+                    "category": list(batch.category),
+                    "path": list(batch.image_path),
+                    "score": batch.pred_score.clone(),
+                    "map": batch.anomaly_map.clone(),
+                    "image": batch.image.clone(),
+                }
+            )
         return out
 
     monkeypatch.setattr(MuSc, "pop_deferred_predictions", recording)
@@ -52,19 +54,21 @@ def test_cli_test_on_gogan_scores_the_category_as_one_set(
     from zsad.cli import build_cli
 
     delivered = record_deliveries(monkeypatch)
-    cli = build_cli([
-        "test",
-        f"--config={CONFIGS / 'gogan.yaml'}",
-        "--model.init_args.backbone=tiny",
-        "--model.init_args.weights=random",
-        f"--model.init_args.image_size={SIZE}",
-        "--model.init_args.feature_dtype=float32",
-        f"--data.init_args.root={gogan_like_root}",
-        "--data.init_args.num_workers=0",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
-    ])
+    cli = build_cli(
+        [
+            "test",
+            f"--config={CONFIGS / 'gogan.yaml'}",
+            "--model.init_args.backbone=tiny",
+            "--model.init_args.weights=random",
+            f"--model.init_args.image_size={SIZE}",
+            "--model.init_args.feature_dtype=float32",
+            f"--data.init_args.root={gogan_like_root}",
+            "--data.init_args.num_workers=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     scored = by_category(delivered)["nunozumi"]
     assert len(scored) == 15  # 3 good + 4 defect types x 3, in 4 batches of 4
     paths = sorted(scored)
@@ -79,7 +83,9 @@ def test_cli_test_on_gogan_scores_the_category_as_one_set(
     assert 0.0 <= nunozumi["image_auroc"] <= 1.0 and 0.0 <= nunozumi["pixel_aupro"] <= 1.0
 
 
-def test_categories_straddling_batches_and_unknown_sizes(gogan_like_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_categories_straddling_batches_and_unknown_sizes(
+    gogan_like_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two categories in one test set, a batch of 4 mixing them; without category sizes, all is scored at epoch end."""
     delivered = record_deliveries(monkeypatch)
     datamodule = UnifiedDataset(dataset="gogan", root=gogan_like_root, eval_batch_size=4, check_files=False)
@@ -114,8 +120,14 @@ def test_fit_and_predict_are_refused(gogan_like_root: Path) -> None:
     assert model.learning_type.value == "zero_shot"
     assert not any(p.requires_grad for p in model.parameters())
     datamodule = Gogan(root=gogan_like_root, category="tanizumi", num_workers=0, eval_batch_size=4)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      max_epochs=1, enable_checkpointing=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+        enable_checkpointing=False,
+    )
     with pytest.raises(RuntimeError, match="training-free"):
         trainer.fit(model, datamodule=datamodule)
     with pytest.raises(NotImplementedError, match="transductive"):

@@ -228,7 +228,9 @@ class MuSc(ZSADModule, AnomalibModule):
     def _store(self, batch: Any) -> Any:  # noqa: ANN401
         if self._trainer is not None and self.trainer.sanity_checking:
             return batch  # the sanity check's few batches are no category
-        paths = [None if p is None else str(p) for p in (getattr(batch, "image_path", None) or [None] * len(batch.image))]
+        paths = [
+            None if p is None else str(p) for p in (getattr(batch, "image_path", None) or [None] * len(batch.image))
+        ]
         if any(p is None for p in paths):
             msg = "MuSc needs each test image's path (image_path) to identify images across batches and processes."
             raise ValueError(msg)

@@ -65,10 +65,10 @@ def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
         raise ValueError(f"LNAMD aggregation degree r must be a positive odd number, got {r}")
     b, n, c = tokens.shape
     x = tokens.float().transpose(1, 2).reshape(b, c, *grid)
-    # One LayerNorm over channels *and* positions of each image (the official nn.LayerNorm([C, H, W]), fresh: no affine).
+    # One LayerNorm over channels *and* positions of each image (official: a fresh nn.LayerNorm([C, H, W]), no affine).
     x = F.layer_norm(x, x.shape[1:], eps=1e-5)
     if r > 1:
-        # The official Unfold(zero padding) + adaptive mean over each C·r·r block = average pooling counting the padding.
+        # Official Unfold (zero padding) + adaptive mean over each C·r·r block = average pooling counting the padding.
         x = F.avg_pool2d(x, r, stride=1, padding=(r - 1) // 2, count_include_pad=True)
     x = x.flatten(2).transpose(1, 2)
     return x / x.norm(dim=-1, keepdim=True)
@@ -289,9 +289,9 @@ class MuScModel(nn.Module):
             per_layer = []
             for layer in range(tokens.shape[1]):
                 # In image chunks: LNAMD's float32 temporaries stay small next to the [N, P, C] result.
-                features = torch.cat([
-                    lnamd(tokens[start : start + LNAMD_CHUNK, layer], grid, r) for start in range(0, n, LNAMD_CHUNK)
-                ])  # [N, P, C]
+                features = torch.cat(
+                    [lnamd(tokens[start : start + LNAMD_CHUNK, layer], grid, r) for start in range(0, n, LNAMD_CHUNK)]
+                )  # [N, P, C]
                 scores = features.new_empty(len(queries), features.shape[1], dtype=torch.float64)
                 for subset, k in k_of.items():
                     rows = [row for row, i in enumerate(queries) if subsets[i] == subset]

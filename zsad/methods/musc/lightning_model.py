@@ -48,8 +48,8 @@ class _StoredBatch:
     batch: Any
     categories: list[str]
     paths: list[str]
-    tokens: torch.Tensor | None  # [B, L, P, C]; None once scored
-    embedding: torch.Tensor | None  # [B, E]
+    tokens: list[torch.Tensor | None]  # per sample [L, P, C] (own storage, freed once copied for scoring)
+    embedding: torch.Tensor  # [B, E]
     scores: list[torch.Tensor | None] = field(default_factory=list)
     maps: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -236,7 +236,9 @@ class MuSc(ZSADModule, AnomalibModule):
             raise ValueError(msg)
         features = self.model.encode(batch.image)
         self._image_size = tuple(int(s) for s in batch.image.shape[-2:])
-        stored = _StoredBatch(batch, batch_categories(batch), paths, features["tokens"], features["embedding"])
+        # One tensor per sample (cloned out of the batch tensor) so each is freed as soon as its category is scored.
+        tokens = [sample.clone() for sample in features["tokens"]]
+        stored = _StoredBatch(batch, batch_categories(batch), paths, tokens, features["embedding"])
         self._stored.append(stored)
         for index, category in enumerate(stored.categories):
             if category in self._done:  # a sampler's padding repeat of an image scored earlier
@@ -281,57 +283,79 @@ class MuSc(ZSADModule, AnomalibModule):
         records = self._by_category.pop(category, [])
         self._done.add(category)
         paths = [stored.paths[index] for stored, index in records]
-        if records:
-            tokens = torch.stack([stored.tokens[index] for stored, index in records])
-            embedding = torch.stack([stored.embedding[index] for stored, index in records])
-        else:
-            tokens = embedding = None
-        tokens, embedding, all_paths = self._gather_category(tokens, embedding, paths)
-        canonical = sorted(set(all_paths))  # rank- and batch-order-free: DDP equals one process exactly
+        tokens, embedding, canonical = self._category_features(records)
         position = {path: i for i, path in enumerate(canonical)}
-        first = [all_paths.index(path) for path in canonical]
-        tokens, embedding = tokens[first], embedding[first]
         subsets = stratified_subsets(canonical, self.divide_num, self.divide_seed)
         repeatable = {position[path] for path in canonical if path in self._repeatable}
         queries = sorted({position[path] for path in paths} | repeatable)
         image_size = self._image_size or (self.hparams.image_size, self.hparams.image_size)
-        maps = self.model.score_maps(tokens, image_size, queries=queries, subsets=subsets) if queries else None
+        # Mixed precision is for the encoder only: LNAMD, distances and RsCIN run in float32/float64 as the official.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            maps = self.model.score_maps(tokens, image_size, queries=queries, subsets=subsets) if queries else None
         image_scores = torch.full((len(canonical),), float("nan"), dtype=torch.float64, device=embedding.device)
         local_max = maps.flatten(1).amax(dim=1).cpu() if maps is not None else torch.empty(0, dtype=torch.float64)
         for indices, values in _gather_objects((queries, local_max)):
             image_scores[indices] = values.to(image_scores.device)
-        final = self.model.rescore(image_scores, embedding)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            final = self.model.rescore(image_scores, embedding)
         row_of = {i: row for row, i in enumerate(queries)}
         for i in repeatable:
             self._kept[canonical[i]] = (final[i], maps[row_of[i]].float())
         for (stored, index), path in zip(records, paths, strict=True):
             stored.scores[index] = final[position[path]]
             stored.maps[index] = maps[row_of[position[path]]].float()
-            if stored.complete:
-                stored.tokens = stored.embedding = None  # free the features before the evaluator takes the batch
 
-    def _gather_category(
-        self, tokens: torch.Tensor | None, embedding: torch.Tensor | None, paths: list[str]
+    def _category_features(
+        self, records: list[tuple[_StoredBatch, int]]
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Tokens, embeddings and paths of one category from every rank (rows in rank order, duplicates kept)."""
-        if _world_size() == 1:
-            return tokens, embedding, paths
-        all_paths = _gather_objects(paths)
-        most = max(len(p) for p in all_paths)
-        shapes = [s for s in _gather_objects(None if tokens is None else (tuple(tokens.shape[1:]), embedding.shape[1]))]
-        token_shape, embed_dim = next(s for s in shapes if s is not None)
-        dtype = self.model.feature_dtype
-        padded_tokens = torch.zeros(most, *token_shape, dtype=dtype, device=self.device)
-        padded_embedding = torch.zeros(most, embed_dim, dtype=torch.float32, device=self.device)
-        if tokens is not None:
-            padded_tokens[: len(tokens)] = tokens
-            padded_embedding[: len(embedding)] = embedding
-        gathered_tokens = self.all_gather(padded_tokens)  # [W, most, L, P, C]
-        gathered_embedding = self.all_gather(padded_embedding)
-        keep = [(rank, row) for rank, rank_paths in enumerate(all_paths) for row in range(len(rank_paths))]
-        rows_tokens = torch.stack([gathered_tokens[rank, row] for rank, row in keep])
-        rows_embedding = torch.stack([gathered_embedding[rank, row] for rank, row in keep])
-        return rows_tokens, rows_embedding, [path for rank_paths in all_paths for path in rank_paths]
+        """Tokens ``[N, L, P, C]`` and embeddings ``[N, E]`` of a whole category in sorted-path order, and the paths.
+
+        Gathered from every rank under DDP and de-duplicated by path. Each stored sample is freed as soon as it is
+        copied, so the category's tokens are held about once, not twice.
+        """
+        paths = [stored.paths[index] for stored, index in records]
+        world = _world_size()
+        all_paths = _gather_objects(paths)  # per rank
+        canonical = sorted({path for rank_paths in all_paths for path in rank_paths})
+        source: dict[str, tuple[int, int]] = {}
+        for rank, rank_paths in enumerate(all_paths):
+            for row, path in enumerate(rank_paths):
+                source.setdefault(path, (rank, row))  # first occurrence in rank order
+        if world == 1:
+            sample = records[0][0].tokens[records[0][1]]
+            tokens = sample.new_empty(len(canonical), *sample.shape)
+            embedding = records[0][0].embedding.new_empty(len(canonical), records[0][0].embedding.shape[1])
+            for i, path in enumerate(canonical):
+                stored, index = records[source[path][1]]
+                tokens[i] = stored.tokens[index]
+                embedding[i] = stored.embedding[index]
+                stored.tokens[index] = None
+        else:
+            most = max(len(rank_paths) for rank_paths in all_paths)
+            shapes = [s for s in _gather_objects(self._token_shape(records)) if s is not None]
+            token_shape, embed_dim = shapes[0]
+            local_tokens = torch.zeros(most, *token_shape, dtype=self.model.feature_dtype, device=self.device)
+            local_embedding = torch.zeros(most, embed_dim, dtype=torch.float32, device=self.device)
+            for row, (stored, index) in enumerate(records):
+                local_tokens[row] = stored.tokens[index]
+                local_embedding[row] = stored.embedding[index]
+                stored.tokens[index] = None
+            gathered_tokens = self.all_gather(local_tokens)  # [W, most, L, P, C]
+            gathered_embedding = self.all_gather(local_embedding)
+            del local_tokens
+            rows = [source[path] for path in canonical]
+            tokens = torch.stack([gathered_tokens[rank, row] for rank, row in rows])
+            embedding = torch.stack([gathered_embedding[rank, row] for rank, row in rows])
+        for stored, index in records:
+            stored.tokens[index] = None  # duplicates of a path, not copied
+        return tokens, embedding, canonical
+
+    @staticmethod
+    def _token_shape(records: list[tuple[_StoredBatch, int]]) -> tuple[tuple[int, ...], int] | None:
+        if not records:
+            return None
+        stored, index = records[0]
+        return tuple(stored.tokens[index].shape), int(stored.embedding.shape[1])
 
     def pop_deferred_predictions(self, final: bool = False) -> list[Any]:
         """Batches whose every image is scored, in step order (``final``: score what is left first; collective).

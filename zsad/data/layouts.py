@@ -513,7 +513,7 @@ def scan_category(spec: DatasetSpec, root: str | Path, category: str) -> DataFra
 
 
 def _samples_from_walk(resolved: Path, walk: _Walk) -> DataFrame:
-    """anomalib's samples table (same columns, sorted by ``image_path``) from a checked walk of the category."""
+    """The table of anomalib's parser (same columns, sorted by ``image_path``) from a checked category walk."""
     rows = [
         {
             "path": str(resolved),

@@ -24,6 +24,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "benchmark": "zsad.benchmark:main",
     "export": "zsad.export:main",
     "demo": "zsad.demo:main",
+    "convert-weights": "zsad.convert_weights:main",
 }
 
 DESCRIPTION = (

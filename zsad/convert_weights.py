@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 from transformers import CLIPConfig, CLIPModel
+from transformers.initialization import no_init_weights
 
 from zsad.methods.checkpoint_io import OfficialCheckpointError, check_finite, read_checkpoint_file
 
@@ -325,8 +326,9 @@ def convert_weights(
     source = str(path)
     hf_state = convert_state_dict(_read_state(path, fmt), source)
     check_finite(hf_state, source)
-    model = CLIPModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    # Shapes from a model on the meta device: no memory, no random initialisation of 100M+ parameters.
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in CLIPModel(config).state_dict().items() if not k.endswith("position_ids")}
     missing = sorted(set(expected) - set(hf_state))
     mismatched = [f"{k}: {tuple(hf_state[k].shape)} vs {tuple(s)}" for k, s in expected.items() if k in hf_state
                   and hf_state[k].shape != s]  # fmt: skip
@@ -338,6 +340,8 @@ def convert_weights(
             + ". Pass the --arch the checkpoint was trained with."
         )
         raise OfficialCheckpointError(msg)
+    with no_init_weights():  # every parameter is overwritten below
+        model = CLIPModel(config)
     model.load_state_dict(hf_state, strict=False)  # position_ids buffers keep their defaults
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -75,12 +75,21 @@ def test_openai_state_dict_is_fp16_and_quick_gelu(tmp_path) -> None:
 def test_winclip_architecture_maps_to_the_shipped_vit_b_16_plus_240() -> None:
     converted = open_clip_config_to_hf("ViT-B-16-plus-240")
     shipped = architecture_config("vit_b_16_plus_240")
-    for ours, theirs in ((converted.vision_config, shipped.vision_config), (converted.text_config, shipped.text_config)):
+    for ours, theirs in (
+        (converted.vision_config, shipped.vision_config),
+        (converted.text_config, shipped.text_config),
+    ):
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
                     "layer_norm_eps", "projection_dim"):  # fmt: skip
             assert getattr(ours, key) == getattr(theirs, key), key
     v = converted.vision_config
-    assert (v.hidden_size, v.num_attention_heads, v.image_size, v.patch_size, v.hidden_act) == (896, 14, 240, 16, "gelu")
+    assert (v.hidden_size, v.num_attention_heads, v.image_size, v.patch_size, v.hidden_act) == (
+        896,
+        14,
+        240,
+        16,
+        "gelu",
+    )
     assert converted.projection_dim == 640
     assert open_clip_config_to_hf("ViT-B-16-quickgelu").vision_config.hidden_act == "quick_gelu"
 

@@ -4,11 +4,11 @@ scores and maps must agree within 1e-4, zero-shot and few-shot."""
 
 from __future__ import annotations
 
+import anomalib.models.image.winclip.torch_model as anomalib_winclip
 import pytest
 import torch
 from open_clip import factory
 
-import anomalib.models.image.winclip.torch_model as anomalib_winclip
 from zsad.backbone import create_backbone
 from zsad.convert_weights import convert_weights
 from zsad.methods.winclip import WinCLIPModel

@@ -40,22 +40,24 @@ def test_zsad_test_on_gogan(gogan: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(WinCLIPModel, "forward", spy_forward)
     monkeypatch.setattr(ZSADDataModule, "few_shot_references", spy_fetch)
-    cli = build_cli([
-        "test",
-        "--config",
-        str(CONFIG),
-        "--model.init_args.backbone=tiny",
-        "--model.init_args.weights=random",
-        "--model.init_args.image_size=98",
-        f"--model.init_args.k_shot={k}",
-        f"--data.init_args.root={gogan}",
-        "--data.init_args.category=tanizumi",
-        "--data.init_args.eval_batch_size=4",
-        "--data.init_args.num_workers=0",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
-    ])
+    cli = build_cli(
+        [
+            "test",
+            "--config",
+            str(CONFIG),
+            "--model.init_args.backbone=tiny",
+            "--model.init_args.weights=random",
+            "--model.init_args.image_size=98",
+            f"--model.init_args.k_shot={k}",
+            f"--data.init_args.root={gogan}",
+            "--data.init_args.category=tanizumi",
+            "--data.init_args.eval_batch_size=4",
+            "--data.init_args.num_workers=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert isinstance(cli.model, WinCLIP)
     # 2 good + 1 per defect kind of tanizumi, in batches of 4; one fetch of k train/good images in all.
     assert set(words) == {"concrete block"} and len(words) >= 2

@@ -47,7 +47,7 @@ DEFAULT_CLASS_WORDS: dict[str, str] = dict.fromkeys(GOGAN_CATEGORIES, "concrete 
 
 _CONVERT_HELP = (
     "WinCLIP's backbone is open_clip's ViT-B-16-plus-240 (laion400m_e31), converted once to a Hugging Face directory:\n"
-    "  1. on a machine with network access: python -c \"import open_clip; "
+    '  1. on a machine with network access: python -c "import open_clip; '
     "open_clip.create_model('ViT-B-16-plus-240', pretrained='laion400m_e31')\"\n"
     "     (downloads ~/.cache/clip/vit_b_16_plus_240-laion400m_e31-8fb26589.pt)\n"
     "  2. zsad convert-weights --format open_clip --arch ViT-B-16-plus-240 "

@@ -106,10 +106,12 @@ class WinCLIPModel(nn.Module):
         The prompt features are cached by the backbone (encoded once per class name and run).
         """
         normal, abnormal = self.ensemble.sentences(class_name)
-        return torch.stack([
-            self.backbone.encode_text(normal).mean(dim=0),
-            self.backbone.encode_text(abnormal).mean(dim=0),
-        ])
+        return torch.stack(
+            [
+                self.backbone.encode_text(normal).mean(dim=0),
+                self.backbone.encode_text(abnormal).mean(dim=0),
+            ]
+        )
 
     # -- vision -----------------------------------------------------------------------------------------------------
 
@@ -150,7 +152,9 @@ class WinCLIPModel(nn.Module):
 
     # -- scores -----------------------------------------------------------------------------------------------------
 
-    def zero_shot_map(self, image_score: torch.Tensor, features: dict[str, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+    def zero_shot_map(
+        self, image_score: torch.Tensor, features: dict[str, torch.Tensor], text: torch.Tensor
+    ) -> torch.Tensor:
         """``M_0`` ``[B, h, w]``: harmonic mean over the image score and each scale's harmonically aggregated map."""
         grid = tuple(int(g) for g in features["grid"])
         maps = [image_score.view(-1, 1, 1).expand(-1, *grid)]

@@ -63,13 +63,19 @@ def test_open_clip_checkpoint_converts_to_the_same_image_and_text_features(tmp_p
     _features_match(model, out)
 
 
-def test_openai_state_dict_is_fp16_and_quick_gelu(tmp_path) -> None:
+def test_openai_jit_archive_and_fp16_state_dict_convert_with_quick_gelu(tmp_path) -> None:
     model, arch, ckpt = _open_clip_model(tmp_path, quick_gelu=True, seed=1)
-    model = model.half().float()  # OpenAI releases fp16 weights; compare with what the file holds
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, ckpt)
-    out = convert_weights("openai", str(arch), ckpt, tmp_path / "hf")
+    model = model.half().float()  # OpenAI releases fp16 weights; compare with what the files hold
+    # OpenAI's released .pt files are TorchScript archives (read with torch.jit.load, as open_clip does).
+    jit = tmp_path / "ViT-tiny.pt"
+    traced = torch.jit.trace_module(model, {"encode_image": torch.randn(1, 3, 80, 80)}, check_trace=False)
+    traced.save(str(jit))
+    out = convert_weights("openai", str(arch), jit, tmp_path / "hf_jit")
     assert json.loads((out / "config.json").read_text())["text_config"]["hidden_act"] == "quick_gelu"
     _features_match(model, out)
+    # A plain fp16 state dict in OpenAI key layout converts the same way.
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, ckpt)
+    _features_match(model, convert_weights("openai", str(arch), ckpt, tmp_path / "hf"))
 
 
 def test_winclip_architecture_maps_to_the_shipped_vit_b_16_plus_240() -> None:

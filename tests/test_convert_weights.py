@@ -63,6 +63,7 @@ def test_open_clip_checkpoint_converts_to_the_same_image_and_text_features(tmp_p
     _features_match(model, out)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_openai_jit_archive_and_fp16_state_dict_convert_with_quick_gelu(tmp_path) -> None:
     model, arch, ckpt = _open_clip_model(tmp_path, quick_gelu=True, seed=1)
     model = model.half().float()  # OpenAI releases fp16 weights; compare with what the files hold

@@ -148,7 +148,7 @@ def test_layout_errors_are_reported(backbone) -> None:
 
 
 def test_unreadable_or_foreign_files_name_the_file(backbone, tmp_path) -> None:
-    """Issue 15 (6c): a bare tensor, non-dict groups, garbage bytes or NaN adapters gave torch errors without the file."""
+    """Issue 15 (6c): a bare tensor, non-dict groups, garbage or NaN adapters gave torch errors without the file."""
     model = AdaptCLIPModel(backbone)
     state = official_state(backbone)
     cases = {

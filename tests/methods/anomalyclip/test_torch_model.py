@@ -344,5 +344,5 @@ def test_deep_prompt_gradients_are_rounded_per_prompt_like_the_official_code() -
     for a, b in zip(ours, official, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     # The comparison can fail: the other order really gives other gradients.
-    worst = max(float(((a - b).abs().max() / b.abs().max())) for a, b in zip(cast_first, official, strict=True))
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(cast_first, official, strict=True))
     assert worst > 1e-5

@@ -135,9 +135,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "as metadata). Checkpoints are read with weights_only=True.",
     )
     parser.add_argument("--ckpt_path", default=None, help="Checkpoint of a zsad run (trainable parameters only).")
-    parser.add_argument("--config", default=None,
-                        help="Method config: names the model class for checkpoints that lack it; without "
-                        "--ckpt_path, a freshly built model's parameters are exported.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="Method config: names the model class for checkpoints that lack it; without "
+        "--ckpt_path, a freshly built model's parameters are exported.",
+    )
     parser.add_argument("--output", default="trainable.safetensors", help="Destination file.")
     return parser.parse_args(list(argv))
 

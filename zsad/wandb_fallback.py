@@ -11,14 +11,12 @@ mode and says so once. Offline runs land in ``./wandb/offline-run-*``; ``wandb s
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
-
-logger = logging.getLogger(__name__)
 
 #: Seconds to wait for the W&B server's TCP port before logging offline.
 CONNECT_TIMEOUT = 3.0
@@ -65,8 +63,8 @@ def _go_offline(loggers: list[Any], reason: str) -> None:
             f"W&B: {reason}; logging offline to ./wandb/offline-run-* instead (upload later with `wandb sync`). "
             "Set WANDB_API_KEY or run `wandb login` to log online, or WANDB_MODE=disabled to turn W&B off."
         )
-        logger.warning(message)
-        print(message, flush=True)  # noqa: T201 - the CLI's user must see it even without logging configured
+        # One line on stderr (not logging: without handlers configured, logging's last resort would print it too).
+        print(message, file=sys.stderr, flush=True)  # noqa: T201
 
 
 def ensure_wandb_usable(loggers: Iterable[Any]) -> bool:

@@ -4,6 +4,7 @@ keys, and corrupt or truncated files are refused from the CLI, from anomalib's E
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_checkpoint_of_another_method_is_refused_everywhere(
                 f"--ckpt_path={other}",
             ]
         )
-    with pytest.raises(CheckpointError, match=both):
+    with pytest.raises(CheckpointError, match=re.escape(other.name) + r".*" + both):
         _engine_test(_tiny_lv(), other, tmp_path, (mvtec_like_root, mvtec_like_root_b))
     with pytest.raises(CheckpointError, match=both):
         LearnableVectors.load_from_checkpoint(other)
@@ -115,6 +116,11 @@ def test_missing_or_unexpected_trainable_keys_fail(checkpoints: dict, tmp_path: 
             LearnableVectors.load_from_checkpoint(tmp_path / name)
         with pytest.raises(CheckpointError, match=reason):
             model.on_load_checkpoint({**raw, "state_dict": state})  # the hook the Trainer's ckpt_path runs
+    # Same class, other settings (4 layer pairs vs 1): shapes named, not a bare torch size-mismatch error.
+    with pytest.raises(CheckpointError, match=r"other shapes.*model\.vectors"):
+        LearnableVectors(
+            backbone="tiny", weights="random", image_size=98, evaluator=False, layers=[24]
+        ).on_load_checkpoint(raw)
     legacy = {k: v for k, v in raw.items() if k != "zsad_class"}
     legacy["hyper_parameters"] = {k: v for k, v in raw["hyper_parameters"].items() if k != "_class_path"}
     torch.save(legacy, tmp_path / "legacy.ckpt")
@@ -155,3 +161,21 @@ def test_corrupt_checkpoint_names_the_file_and_the_fix(
     if damage == "truncated":  # the Trainer's own loading (anomalib's Engine), through the wrapped checkpoint IO
         with pytest.raises(CheckpointError, match=rf"{name}.*truncated or corrupt.*last\.ckpt"):
             _engine_test(_tiny_lv(), path, tmp_path, (mvtec_like_root, mvtec_like_root_b))
+
+
+def test_export_refuses_corrupt_or_diverged_checkpoints(checkpoints: dict, tmp_path: Path) -> None:
+    """The neighbouring command: `zsad export` read the file with a bare torch.load and exported NaN tensors."""
+    from zsad.export import export_checkpoint
+
+    good = checkpoints["LearnableVectors"]
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"truncated\.ckpt.*last\.ckpt"):
+        export_checkpoint(truncated, tmp_path / "a.safetensors")
+    raw = torch.load(good, weights_only=True)
+    raw["state_dict"]["model.vectors"] = raw["state_dict"]["model.vectors"] * float("nan")
+    torch.save(raw, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan\.ckpt.*non-finite.*model\.vectors"):
+        export_checkpoint(tmp_path / "nan.ckpt", tmp_path / "b.safetensors")
+    assert not list(tmp_path.glob("*.safetensors"))
+    export_checkpoint(good, tmp_path / "good.safetensors")  # an intact checkpoint still exports

@@ -303,7 +303,9 @@ class ZSADModule:
         ``strict_loading`` is off only because the frozen backbone is not stored; everything else must match.
         """
         super().on_load_checkpoint(checkpoint)
-        self.check_checkpoint_fits(checkpoint)
+        trainer = getattr(self, "_trainer", None)
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        self.check_checkpoint_fits(checkpoint, f"The checkpoint {str(path)!r}" if path else "The checkpoint")
 
     def check_checkpoint_fits(self, checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> None:
         """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this class with these trainable keys.
@@ -323,10 +325,22 @@ class ZSADModule:
             raise CheckpointError(msg)
         state = checkpoint.get("state_dict") or {}
         prefixes = tuple(self._frozen_prefixes())
-        own = self.state_dict().keys()
+        own_state = self.state_dict()
         trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         missing = sorted(k for k in trainable if k not in state)
-        unexpected = sorted(k for k in state if k not in own and not k.startswith(prefixes))
+        unexpected = sorted(k for k in state if k not in own_state and not k.startswith(prefixes))
+        mismatched = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own_state[k].shape)}"
+            for k, v in state.items()
+            if k in own_state and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own_state[k].shape)
+        ]
+        if mismatched:
+            msg = (
+                f"{source} (written by {theirs or 'an unrecorded class'}) has other shapes than this "
+                f"{type(self).__name__} (checkpoint vs model): {mismatched[:6]}. It was trained with other settings "
+                "(layers, n_ctx, backbone, ...): use the checkpoint's own config."
+            )
+            raise CheckpointError(msg)
         if missing or unexpected:
             written_by = theirs or "an unrecorded class"
             msg = (

@@ -67,7 +67,8 @@ class DivergenceGuard(Callback):
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         """Stop before a non-finite loss reaches the parameters."""
-        if not _finite(loss):
+        # Decided over all ranks: one rank raising while the others enter backward's all-reduce would hang DDP.
+        if trainer.strategy.reduce_boolean_decision(not _finite(loss), all=False):
             context = self._context(trainer, pl_module, trainer.global_step + 1)  # the step about to be taken
             msg = (
                 f"Training diverged: the loss is {_describe(loss)} ({context}). Stopped "
@@ -87,11 +88,11 @@ class DivergenceGuard(Callback):
         if not self.check_parameters:
             return
         bad = [name for name, p in pl_module.named_parameters() if p.requires_grad and not _finite(p)]
-        if bad:
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             context = self._context(trainer, pl_module, trainer.global_step)  # global_step counts the step just taken
             msg = (
                 f"Training diverged: the optimiser step made {len(bad)} trainable parameter(s) non-finite "
-                f"({', '.join(bad[:4])}) at {context}. Training stopped; no checkpoint of "
+                f"({', '.join(bad[:4]) or 'on another process'}) at {context}. Training stopped; no checkpoint of "
                 f"this state is written. {LIKELY_CAUSES}"
             )
             raise TrainingDivergedError(msg)

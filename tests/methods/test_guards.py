@@ -39,7 +39,7 @@ def _fit_args(root: Path, train: Path, test: Path, lr: str) -> list[str]:
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={root}",
-        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.save_last=true",
     ]
 

@@ -15,22 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_prints_counts_speeds_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
     # The paper config (pretrained ViT-L) with the overrides: random tiny weights at 98 px, no download.
-    result = main(
-        [
-            "--config",
-            str(ROOT / "configs/learnable_vectors/visa_to_mvtec.yaml"),
-            "--weights",
-            "random",
-            "--backbone",
-            "tiny",
-            "--image_size",
-            "98",
-            "--batches",
-            "2",
-            "--batch_size",
-            "2",
-        ]
-    )
+    result = main([
+        "--config", str(ROOT / "configs/learnable_vectors/visa_to_mvtec.yaml"), "--weights", "random",
+        "--backbone", "tiny", "--image_size", "98", "--batches", "2", "--batch_size", "2",
+    ])
     out = capsys.readouterr().out
     assert "trainable parameters: 164\n" in out  # (1 + 4) x 2 x 16 + 4, exact integer
     assert "total parameters: 225252\n" in out
@@ -51,21 +39,8 @@ def test_human_counts_match_the_seed_table() -> None:
 
 def test_set_overrides_any_init_argument(capsys: pytest.CaptureFixture[str]) -> None:
     """CLIP-ADA's R is an init argument: `--set num_refinements=2` changes the trainable count (656 + 2 x 528)."""
-    common = [
-        "--config",
-        str(ROOT / "configs/clip_ada/mvtec.yaml"),
-        "--weights",
-        "random",
-        "--backbone",
-        "tiny",
-        "--image_size",
-        "98",
-        "--batches",
-        "1",
-        "--warmup",
-        "0",
-        "--no_plain_clip",
-    ]
+    common = ["--config", str(ROOT / "configs/clip_ada/mvtec.yaml"), "--weights", "random", "--backbone", "tiny",
+              "--image_size", "98", "--batches", "1", "--warmup", "0", "--no_plain_clip"]
     main([*common, "--set", "num_refinements=0"])
     assert "trainable parameters: 656\n" in capsys.readouterr().out
     main([*common, "--set", "num_refinements=2"])

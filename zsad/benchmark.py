@@ -209,11 +209,8 @@ def format_report(result: dict[str, Any], backbone: str | None, weights: str | N
     lines = [
         f"zsad benchmark: {result['model']} from {config}",
         f"backbone: {backbone} (weights: {weights})"
-        + (
-            "  -- RANDOM weights: throughput and parameter counts only, scores would be meaningless"
-            if weights == "random"
-            else ""
-        ),
+        + ("  -- RANDOM weights: throughput and parameter counts only, scores would be meaningless" if weights ==
+           "random" else ""),
         f"trainable parameters: {result['trainable_parameters']}",
         f"total parameters: {result['total_parameters']}",
         f"input: 3x{result['image_size']}x{result['image_size']}, batch size {result['batch_size']}, "
@@ -235,9 +232,8 @@ def format_report(result: dict[str, Any], backbone: str | None, weights: str | N
     if result["device"].startswith("cpu"):
         cpu_line = f"per CPU-second (robust to other processes): inference {result['inference_images_per_cpu_s']:.3f}"
         if "ratio" in result:
-            cpu_line += (
-                f", bare encoder {result['encoder_images_per_cpu_s']:.3f} images, ratio {result['ratio_cpu']:.3f}"
-            )
+            cpu_line += (f", bare encoder {result['encoder_images_per_cpu_s']:.3f} images, "
+                         f"ratio {result['ratio_cpu']:.3f}")
         if "ratio_clip" in result:
             cpu_line += f", plain CLIP {result['clip_images_per_cpu_s']:.3f}, ratio {result['ratio_clip_cpu']:.3f}"
         lines.append(cpu_line)
@@ -257,12 +253,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "bare frozen encoder's images/s measured in the same run.",
     )
     parser.add_argument("--config", required=True, help="A method config (LightningCLI YAML with a `model:` block).")
-    parser.add_argument(
-        "--weights",
-        choices=["pretrained", "random"],
-        default=None,
-        help="Override model.init_args.weights (`random`: no download, same speed).",
-    )
+    parser.add_argument("--weights", choices=["pretrained", "random"], default=None,
+                        help="Override model.init_args.weights (`random`: no download, same speed).")
     parser.add_argument("--backbone", default=None, help="Override model.init_args.backbone.")
     parser.add_argument("--image_size", type=int, default=None, help="Override model.init_args.image_size.")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -271,20 +263,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
-    parser.add_argument(
-        "--no_plain_clip",
-        action="store_true",
-        help="Do not also time the plain CLIP image tower (backbone.encode_image).",
-    )
+    parser.add_argument("--no_plain_clip", action="store_true",
+                        help="Do not also time the plain CLIP image tower (backbone.encode_image).")
     parser.add_argument("--json", default=None, help="Also write the result as JSON to this file.")
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="Override any model init argument (YAML value), e.g. --set num_refinements=2. Repeatable.",
-    )
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
+                        help="Override any model init argument (YAML value), e.g. --set num_refinements=2. Repeatable.")
     return parser.parse_args(list(argv))
 
 

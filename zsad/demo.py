@@ -40,43 +40,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="Generate a source and a target dataset, fit the learnable vectors on the source's labelled test "
         "split, test on the target: per-category table, overlays, before/after pixel AUROC.",
     )
-    parser.add_argument(
-        "--backbone",
-        default="tiny",
-        help=f"`tiny` (random weights, default) or a CLIP hub id / directory, e.g. {REAL_BACKBONE}.",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=["pretrained", "random"],
-        default=None,
-        help="Default: random for `tiny`, pretrained otherwise.",
-    )
+    parser.add_argument("--backbone", default="tiny",
+                        help=f"`tiny` (random weights, default) or a CLIP hub id / directory, e.g. {REAL_BACKBONE}.")
+    parser.add_argument("--weights", choices=["pretrained", "random"], default=None,
+                        help="Default: random for `tiny`, pretrained otherwise.")
     parser.add_argument("--output", default="runs/demo", help="Output folder (data, cache, checkpoints, results).")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="LightningCLI config of the run.")
     parser.add_argument("--image_size", type=int, default=None, help="Input side (default: 98 tiny, 518 otherwise).")
     parser.add_argument("--epochs", type=int, default=None, help="Override trainer.max_epochs.")
-    parser.add_argument(
-        "--source_look",
-        choices=["a", "b"],
-        default="b",
-        help="Look of the generated source images (make_mvtec_like's domain).",
-    )
-    parser.add_argument(
-        "--target_look",
-        choices=["a", "b"],
-        default="b",
-        help="Look of the target images; a different look from the source also shifts colours and "
-        "textures, which random-weight features cannot bridge.",
-    )
+    parser.add_argument("--source_look", choices=["a", "b"], default="b",
+                        help="Look of the generated source images (make_mvtec_like's domain).")
+    parser.add_argument("--target_look", choices=["a", "b"], default="b",
+                        help="Look of the target images; a different look from the source also shifts colours and "
+                        "textures, which random-weight features cannot bridge.")
     parser.add_argument("--data_size", type=int, default=128, help="Side of the generated images in pixels.")
     parser.add_argument("--save_images", type=int, default=4, help="Overlays per target category.")
     parser.add_argument("--skip_initial", action="store_true", help="Do not score the target before training.")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: 1 for the tiny model, which is slower with more; torch's default otherwise).",
-    )
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: 1 for the tiny model, which is slower with more; torch's "
+                        "default otherwise).")
     return parser.parse_args(list(argv))
 
 
@@ -87,12 +69,10 @@ def make_data(root: Path, size: int, source_look: str, target_look: str) -> tupl
     domain_a, domain_b = root / "domain_A", root / "domain_B"
     for folder in (domain_a, domain_b):
         shutil.rmtree(folder, ignore_errors=True)
-    make_mvtec_like(
-        domain_a, categories=SOURCE_CATEGORIES, domain=source_look, n_test_good=4, n_test_defect=2, size=size, seed=0
-    )
-    make_mvtec_like(
-        domain_b, categories=TARGET_CATEGORIES, domain=target_look, n_test_good=4, n_test_defect=2, size=size, seed=1
-    )
+    make_mvtec_like(domain_a, categories=SOURCE_CATEGORIES, domain=source_look, n_test_good=4, n_test_defect=2,
+                    size=size, seed=0)
+    make_mvtec_like(domain_b, categories=TARGET_CATEGORIES, domain=target_look, n_test_good=4, n_test_defect=2,
+                    size=size, seed=1)
     return domain_a, domain_b
 
 
@@ -100,8 +80,7 @@ def cli_args(args: argparse.Namespace, domain_a: Path, domain_b: Path, weights: 
     """The LightningCLI arguments shared by the initial test and the fit."""
     out = Path(args.output)
     overrides = [
-        "--config",
-        args.config,
+        "--config", args.config,
         f"--data.init_args.train={{dataset: mvtec, root: {domain_a}, name: domain_A}}",
         f"--data.init_args.test={{dataset: mvtec, root: {domain_b}, name: domain_B}}",
         f"--model.init_args.backbone={args.backbone}",
@@ -199,26 +178,20 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     before = None
     if not args.skip_initial:
         print("\n[1/2] domain B with the initial (untrained) vectors", flush=True)  # noqa: T201
-        initial = _run_cli(
-            [
-                "test",
-                *shared,
-                "--verbose=false",
-                f"--model.init_args.evaluator.init_args.output_dir={out / 'initial'}",
-                "--model.init_args.evaluator.init_args.save_images=0",
-                "--trainer.logger=false",
-            ]
-        )
+        initial = _run_cli([
+            "test", *shared,
+            "--verbose=false",
+            f"--model.init_args.evaluator.init_args.output_dir={out / 'initial'}",
+            "--model.init_args.evaluator.init_args.save_images=0",
+            "--trainer.logger=false",
+        ])
         before = _pixel_auroc(initial)
     print("\n[2/2] fit on domain A's labelled test split, then test on domain B", flush=True)  # noqa: T201
-    fitted = _run_cli(
-        [
-            "fit",
-            *shared,
-            f"--model.init_args.evaluator.init_args.output_dir={out / 'results'}",
-            "--test_after_fit=true",
-        ]
-    )
+    fitted = _run_cli([
+        "fit", *shared,
+        f"--model.init_args.evaluator.init_args.output_dir={out / 'results'}",
+        "--test_after_fit=true",
+    ])
     after = _pixel_auroc(fitted)
     checkpoint = getattr(fitted.trainer.checkpoint_callback, "last_model_path", "") or ""
     summary = {

@@ -38,22 +38,12 @@ def _datamodule(train_root: Path, test_root: Path, **kwargs) -> CrossDataset:
 def _fit(train_root: Path, test_root: Path, cache: Path | None, **model_kwargs) -> LearnableVectors:
     seed_everything(7)
     model = LearnableVectors(
-        backbone="tiny",
-        weights="random",
-        image_size=98,
-        lr=0.01,
-        evaluator=False,
-        feature_cache=None if cache is None else str(cache),
-        **model_kwargs,
+        backbone="tiny", weights="random", image_size=98, lr=0.01, evaluator=False,
+        feature_cache=None if cache is None else str(cache), **model_kwargs,
     )
     trainer = Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        max_epochs=EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=_datamodule(train_root, test_root))
     return model
@@ -168,16 +158,9 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path: Path, mvte
 
 def test_random_training_data_is_refused(tmp_path: Path, mvtec_like_root: Path, mvtec_like_root_b: Path) -> None:
     seed_everything(7)
-    model = LearnableVectors(
-        backbone="tiny", weights="random", image_size=98, evaluator=False, feature_cache=str(tmp_path)
-    )
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    model = LearnableVectors(backbone="tiny", weights="random", image_size=98, evaluator=False,
+                             feature_cache=str(tmp_path))
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(FeatureCacheError, match="mosaic"):
         trainer.fit(model, datamodule=_datamodule(mvtec_like_root, mvtec_like_root_b, mosaic_probability=0.2))

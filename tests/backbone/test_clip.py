@@ -84,9 +84,8 @@ def test_bilinear_and_bicubic_interpolation_both_work_and_differ() -> None:
     bicubic = create_backbone("tiny", image_size=98, pos_interpolation="bicubic", load_text=False)
     bilinear = create_backbone("tiny", image_size=98, pos_interpolation="bilinear", load_text=False)
     # Same seed → same weights: only the position table's resize differs.
-    torch.testing.assert_close(
-        bicubic.vision.embeddings.position_embedding.weight, bilinear.vision.embeddings.position_embedding.weight
-    )
+    torch.testing.assert_close(bicubic.vision.embeddings.position_embedding.weight,
+                               bilinear.vision.embeddings.position_embedding.weight)
     table_cubic = bicubic.position_embeddings((7, 7))
     table_linear = bilinear.position_embeddings((7, 7))
     assert table_cubic.shape == table_linear.shape == (50, 32)
@@ -100,10 +99,8 @@ def test_bilinear_and_bicubic_interpolation_both_work_and_differ() -> None:
     # At the native size no interpolation happens: the two agree.
     native = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        torch.testing.assert_close(
-            bicubic.encode_image(native, layers=(24,)).patch_tokens[0],
-            bilinear.encode_image(native, layers=(24,)).patch_tokens[0],
-        )
+        torch.testing.assert_close(bicubic.encode_image(native, layers=(24,)).patch_tokens[0],
+                                   bilinear.encode_image(native, layers=(24,)).patch_tokens[0])
     with pytest.raises(ValueError, match="pos_interpolation"):
         create_backbone("tiny", pos_interpolation="nearest")
 
@@ -133,9 +130,8 @@ def test_hidden_act_can_be_switched_to_exact_gelu() -> None:
     assert gelu.vision.config.hidden_act == "gelu"
     images = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        assert not torch.allclose(
-            quick.encode_image(images).global_embedding, gelu.encode_image(images).global_embedding
-        )
+        assert not torch.allclose(quick.encode_image(images).global_embedding,
+                                  gelu.encode_image(images).global_embedding)
 
 
 def test_layer_numbers_are_validated(tiny_backbone: CLIPBackbone) -> None:
@@ -208,9 +204,8 @@ def test_local_directory_round_trip(tmp_path, hf_tiny: CLIPModel) -> None:
     images = torch.randn(1, 3, 98, 98)
     reference = CLIPBackbone(hf_tiny.vision_model, hf_tiny.visual_projection, image_size=98)
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded.encode_image(images).global_embedding, reference.encode_image(images).global_embedding
-        )
+        torch.testing.assert_close(loaded.encode_image(images).global_embedding,
+                                   reference.encode_image(images).global_embedding)
 
 
 def test_vit_l_14_336_random_architecture_has_the_seed_parameter_count() -> None:

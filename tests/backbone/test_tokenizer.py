@@ -12,31 +12,17 @@ ANOMALYCLIP_PROMPTS = [
     "X X X X X X X X X X X X object.",
     "X X X X X X X X X X X X damaged object.",
 ]
-APRIL_GAN_STATES = [
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-] + ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
+APRIL_GAN_STATES = (
+    ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage"]
+    + ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
+)
 APRIL_GAN_TEMPLATES = [
-    "a bad photo of a {}.",
-    "a low resolution photo of the {}.",
-    "a cropped photo of a {}.",
-    "a jpeg corrupted photo of the {}.",
-    "there is a {} in the scene.",
-    "this is one {} in the scene.",
-    "a black and white photo of the {}.",
-    "a photo of my {}.",
+    "a bad photo of a {}.", "a low resolution photo of the {}.", "a cropped photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "there is a {} in the scene.", "this is one {} in the scene.",
+    "a black and white photo of the {}.", "a photo of my {}.",
 ]
-APRIL_GAN_PROMPTS = [
-    t.format(s.format(c))
-    for t in APRIL_GAN_TEMPLATES
-    for s in APRIL_GAN_STATES
-    for c in ("metal_nut", "pipe_fryum", "bottle")
-]
+APRIL_GAN_PROMPTS = [t.format(s.format(c)) for t in APRIL_GAN_TEMPLATES for s in APRIL_GAN_STATES
+                     for c in ("metal_nut", "pipe_fryum", "bottle")]
 
 
 @pytest.mark.parametrize("prompts", [ANOMALYCLIP_PROMPTS, APRIL_GAN_PROMPTS, ["Crème brûlée, naïve café!  ok?"]])

@@ -181,16 +181,10 @@ def test_validation_keys_name_the_dataset_validated_on(mvtec_like_root, visa_lik
 
     from zsad.metrics.evaluator import dataset_name
 
-    held_out = CrossDataset(
-        train={"dataset": "visa", "root": str(visa_like_root)},
-        test={"dataset": "mvtec", "root": str(mvtec_like_root)},
-        val_split_mode="from_train",
-    )
-    on_target = CrossDataset(
-        train={"dataset": "visa", "root": str(visa_like_root)},
-        test={"dataset": "mvtec", "root": str(mvtec_like_root)},
-        val_split_mode="same_as_test",
-    )
+    held_out = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                            test={"dataset": "mvtec", "root": str(mvtec_like_root)}, val_split_mode="from_train")
+    on_target = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                             test={"dataset": "mvtec", "root": str(mvtec_like_root)}, val_split_mode="same_as_test")
     assert dataset_name(SimpleNamespace(datamodule=held_out), "val") == "visa"
     assert dataset_name(SimpleNamespace(datamodule=held_out), "test") == "mvtec"
     assert dataset_name(SimpleNamespace(datamodule=on_target), "val") == "mvtec"
@@ -199,9 +193,8 @@ def test_validation_keys_name_the_dataset_validated_on(mvtec_like_root, visa_lik
 def test_training_references_come_from_the_source_train_split(mvtec_like_root, visa_like_root) -> None:
     import pytest
 
-    datamodule = CrossDataset(
-        train={"dataset": "visa", "root": str(visa_like_root)}, test={"dataset": "mvtec", "root": str(mvtec_like_root)}
-    )
+    datamodule = CrossDataset(train={"dataset": "visa", "root": str(visa_like_root)},
+                              test={"dataset": "mvtec", "root": str(mvtec_like_root)})
     datamodule.setup()
     first = datamodule.training_references("candle", 2, seed=5)
     again = datamodule.training_references("candle", 2, seed=5)

@@ -14,12 +14,8 @@ from zsad.data import Gogan
 
 @pytest.mark.parametrize(
     ("name", "cls_name"),
-    [
-        ("learnable_vectors", "LearnableVectors"),
-        ("anomalyclip", "AnomalyCLIP"),
-        ("adaptclip", "AdaptCLIP"),
-        ("clipada", "CLIPADA"),
-    ],
+    [("learnable_vectors", "LearnableVectors"), ("anomalyclip", "AnomalyCLIP"), ("adaptclip", "AdaptCLIP"),
+     ("clipada", "CLIPADA")],
 )
 def test_every_method_is_found_by_anomalibs_get_model(name: str, cls_name: str) -> None:
     cls = getattr(zsad.methods, cls_name)
@@ -31,7 +27,8 @@ def test_every_method_is_found_by_anomalibs_get_model(name: str, cls_name: str) 
 
 def test_engine_fits_and_tests_a_zsad_model_on_gogan(tmp_path: Path, gogan_like_root: Path) -> None:
     model = get_model("learnable_vectors", backbone="tiny", image_size=98)
-    datamodule = Gogan(root=gogan_like_root, category="nunozumi", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    datamodule = Gogan(root=gogan_like_root, category="nunozumi", train_batch_size=4, eval_batch_size=4,
+                       num_workers=0)
     engine = Engine(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
     engine.fit(model, datamodule=datamodule)
     results = engine.test(model, datamodule=datamodule, verbose=False)

@@ -32,10 +32,8 @@ def test_focal_matches_reference_on_maps_and_scores() -> None:
     torch.testing.assert_close(FocalLoss()(probs, mask), reference_focal(probs, mask))
     score = torch.rand(4)
     labels = torch.tensor([0, 1, 1, 0])
-    torch.testing.assert_close(
-        FocalLoss()(torch.stack([1 - score, score], 1), labels),
-        reference_focal(torch.stack([1 - score, score], 1), labels),
-    )
+    torch.testing.assert_close(FocalLoss()(torch.stack([1 - score, score], 1), labels),
+                               reference_focal(torch.stack([1 - score, score], 1), labels))
 
 
 def test_dice_and_segmentation_loss() -> None:

@@ -196,26 +196,16 @@ def test_native_resolution_reads_masks_from_disk_and_resizes_the_maps(tmp_path: 
     root = make_gogan_like(tmp_path / "gogan", size=64)
     paths = sorted((root / "nunozumi" / "test").rglob("*.png"))[:6]
     labels = [int(p.parent.name != "good") for p in paths]
-    mask_paths = [
-        str(root / "nunozumi" / "ground_truth" / p.parent.name / f"{p.stem}_mask.png") if y else None
-        for p, y in zip(paths, labels, strict=True)
-    ]
+    mask_paths = [str(root / "nunozumi" / "ground_truth" / p.parent.name / f"{p.stem}_mask.png") if y else None
+                  for p, y in zip(paths, labels, strict=True)]
     native = read_native_masks([str(p) for p in paths], mask_paths, torch.tensor(labels))
     assert all(m.shape == (64, 64) for m in native) and any(m.any() for m in native)
     # What a perfect model returns at its 98-px input: the mask, upsampled.
     oracle = [torch_f.interpolate(m[None, None].float(), size=(98, 98), mode="nearest")[0, 0] for m in native]
     empty = torch.zeros(98, 98, dtype=torch.bool)
-    items = [
-        ZSADItem(
-            image=torch.zeros(3, 98, 98),
-            gt_label=torch.tensor(y),
-            gt_mask=empty,
-            image_path=str(p),
-            mask_path=mp or "",
-            category="nunozumi",
-        )
-        for p, y, mp in zip(paths, labels, mask_paths, strict=True)
-    ]
+    items = [ZSADItem(image=torch.zeros(3, 98, 98), gt_label=torch.tensor(y), gt_mask=empty,
+                      image_path=str(p), mask_path=mp or "", category="nunozumi")
+             for p, y, mp in zip(paths, labels, mask_paths, strict=True)]
     batch = ZSADBatch.collate(items)
     batch.mask_path = mask_paths
     batch.update(pred_score=torch.tensor(labels, dtype=torch.float32), anomaly_map=torch.stack(oracle))

@@ -394,12 +394,10 @@ def collate_cached(items: list[dict[str, Any]]) -> CachedFeatureBatch:
     masks = None
     if any(item["gt_mask"] is not None for item in items):
         masks = Mask(
-            torch.stack(
-                [
-                    item["gt_mask"] if item["gt_mask"] is not None else torch.zeros(size, dtype=torch.bool)
-                    for item in items
-                ]
-            ),
+            torch.stack([
+                item["gt_mask"] if item["gt_mask"] is not None else torch.zeros(size, dtype=torch.bool)
+                for item in items
+            ]),
         )
     labels = None
     if all(item["gt_label"] is not None for item in items):

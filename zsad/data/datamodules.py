@@ -843,11 +843,7 @@ class _PooledDataModule(ZSADDataModule):
         if self.check_files:
             self._split_samples(spec, root, category, "train", threshold)
         return sample_references(
-            samples,
-            k,
-            seed,
-            category=category,
-            transform=self.eval_transform(),
+            samples, k, seed, category=category, transform=self.eval_transform(),
             dataset_name=self.train_source.display_name,
         )
 

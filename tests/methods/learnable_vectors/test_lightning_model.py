@@ -95,14 +95,10 @@ def test_load_from_checkpoint_restores_the_vectors_with_weights_only(fitted_run:
 def test_test_with_ckpt_path_reproduces_the_test_after_fit(fitted_run: SimpleNamespace) -> None:
     after_fit = fitted_run.cli.model.evaluator.results_by_stage["test"]["mean"]
     args = [a for a in fitted_run.args if "output_dir" not in a]
-    tested = build_cli(
-        [
-            "test",
-            *args,
-            f"--ckpt_path={fitted_run.ckpt}",
-            f"--model.evaluator.init_args.output_dir={fitted_run.root / 'retest'}",
-        ]
-    )
+    tested = build_cli([
+        "test", *args, f"--ckpt_path={fitted_run.ckpt}",
+        f"--model.evaluator.init_args.output_dir={fitted_run.root / 'retest'}",
+    ])
     again = tested.model.evaluator.results_by_stage["test"]["mean"]
     assert again["pixel_auroc"] == pytest.approx(after_fit["pixel_auroc"], abs=1e-6)
     assert again["image_auroc"] == pytest.approx(after_fit["image_auroc"], abs=1e-6)

@@ -23,12 +23,8 @@ def test_vit_l_336_budget_is_7684_trainable_of_304301572() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "trainable"),
-    [
-        ({}, 5 * 2 * 16 + 4),
-        ({"shared_vectors": True}, 2 * 16 + 4),
-        ({"layer_weighting": "fixed"}, 5 * 2 * 16),
-        ({"layers": (12, 24)}, 3 * 2 * 16 + 2),
-    ],
+    [({}, 5 * 2 * 16 + 4), ({"shared_vectors": True}, 2 * 16 + 4), ({"layer_weighting": "fixed"}, 5 * 2 * 16),
+     ({"layers": (12, 24)}, 3 * 2 * 16 + 2)],
 )
 def test_ablations_change_the_budget_as_the_spec_says(tiny_backbone, kwargs: dict, trainable: int) -> None:
     model = LearnableVectorsModel(tiny_backbone, **kwargs)

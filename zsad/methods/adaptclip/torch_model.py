@@ -202,7 +202,6 @@ class TextualAdapter(nn.Module):
 
     def forward(self, backbone: CLIPBackbone) -> torch.Tensor:
         """``[2, E]`` learned text features ``(w'_n, w'_a)`` (projected EOT features, not normalised)."""
-
         def encode() -> torch.Tensor:
             ctx = torch.stack([self.ctx_normal, self.ctx_abnormal])
             embeddings = self.template.embed(backbone.text.embeddings.token_embedding, ctx)

@@ -26,6 +26,8 @@ _announced: set[str] = set()
 
 def _configured_mode(loggers: Iterable[Any]) -> str | None:
     for lg in loggers:
+        if getattr(lg, "_offline", False):  # WandbLogger(offline=True) sets WANDB_MODE itself when the run starts
+            return "offline"
         mode = getattr(lg, "_wandb_init", {}).get("mode")
         if mode:
             return str(mode)

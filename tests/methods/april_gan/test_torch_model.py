@@ -215,9 +215,13 @@ def test_text_is_encoded_once_per_class_word(monkeypatch: pytest.MonkeyPatch, im
     # bottle, concrete block (nunozumi = tanizumi), and the default word: one call of 245 + 175 sentences each.
     assert calls == [420, 420, 420]
     assert sorted(model._text) == sorted(["bottle", "concrete block", DEFAULT_CLASS_WORD])  # noqa: SLF001
-    model.train()  # training reuses the same cache: text does not depend on the heads
-    out = model.forward_features(features, (SIZE, SIZE), ["bottle"] * 3)
-    assert len(calls) == 3 and out["maps"].shape == (3, len(LAYERS), 2, SIZE, SIZE)
+    with torch.inference_mode():  # a validation loop before training: the cached text is an inference tensor
+        model.forward_features(features, (SIZE, SIZE), ["widget"] * 3)
+    model.train()  # training reuses the same cache (text does not depend on the heads) and can backpropagate
+    out = model.forward_features(features, (SIZE, SIZE), ["bottle", "widget", "widget"])
+    out["anomaly_map"].sum().backward()
+    assert len(calls) == 4 and out["maps"].shape == (3, len(LAYERS), 2, SIZE, SIZE)
+    assert all(head.weight.grad is not None for head in model.heads)
 
 
 def test_bad_inputs_are_refused(model: APRILGANModel, images: torch.Tensor) -> None:

@@ -37,7 +37,14 @@ from zsad.data.dataclasses import batch_categories
 from zsad.metrics import functional as F
 from zsad.metrics.metric import TypedListStatesMixin
 
-__all__ = ["CATEGORY_BYTES", "DEFECT_AUROC_PREFIX", "PerCategoryMetrics", "defect_type", "metric_columns", "unweighted_mean"]
+__all__ = [
+    "CATEGORY_BYTES",
+    "DEFECT_AUROC_PREFIX",
+    "PerCategoryMetrics",
+    "defect_type",
+    "metric_columns",
+    "unweighted_mean",
+]
 
 logger = logging.getLogger(__name__)
 

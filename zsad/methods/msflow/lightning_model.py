@@ -107,10 +107,12 @@ class MSFlow(ZSADModule, AnomalibModule):
             image_size = self.hparams.get("image_size", 256)
         side = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
         return PreProcessor(
-            transform=Compose([
-                Resize((side, side), interpolation=InterpolationMode.BILINEAR, antialias=True),
-                Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-            ]),
+            transform=Compose(
+                [
+                    Resize((side, side), interpolation=InterpolationMode.BILINEAR, antialias=True),
+                    Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+                ]
+            ),
         )
 
     @property

@@ -125,8 +125,10 @@ class FusionNet(nn.Module):
 
 
 class FusionSubnet(nn.Module):
-    """Subnet of the fusion coupling (``FusionSTNets``): cross-scale mixing, then per-scale 3x3 convs for ``s`` and
-    ``t``; returns ``[s, t]`` concatenated per scale."""
+    """Subnet of the fusion coupling (``FusionSTNets``).
+
+    Cross-scale mixing, then per-scale 3x3 convs for ``s`` and ``t``; returns ``[s, t]`` concatenated per scale.
+    """
 
     def __init__(self, channels: Sequence[int]) -> None:
         super().__init__()
@@ -151,8 +153,9 @@ class FusionCoupling(InvertibleModule):
     ``e(s) = exp(clamp * 0.636 * atan(s / clamp))`` bounds the scales; ``log|det J| = sum log e(s1) + log e(s2)``.
     """
 
-    def __init__(self, dims_in: list[tuple[int, ...]], dims_c: list[tuple[int, ...]] | None = None,
-                 clamp: float = 1.9) -> None:
+    def __init__(
+        self, dims_in: list[tuple[int, ...]], dims_c: list[tuple[int, ...]] | None = None, clamp: float = 1.9
+    ) -> None:
         super().__init__(dims_in, dims_c or [])
         channels = [dims[0] for dims in dims_in]
         if any(c % 2 for c in channels):
@@ -171,7 +174,10 @@ class FusionCoupling(InvertibleModule):
         return [p.chunk(2, dim=1)[0] for p in st], [p.chunk(2, dim=1)[1] for p in st]
 
     def forward(
-        self, x_or_z: Sequence[torch.Tensor], c: Sequence[torch.Tensor] | None = None, rev: bool = False,
+        self,
+        x_or_z: Sequence[torch.Tensor],
+        c: Sequence[torch.Tensor] | None = None,
+        rev: bool = False,
         jac: bool = True,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Forward (``rev=False``) or inverse pass over all scales; returns outputs and ``log|det J|`` ``[B]``."""
@@ -211,9 +217,9 @@ def fusion_flow(channels: Sequence[int], clamp: float) -> GraphINN:
     return GraphINN([*inputs, *permutes, fusion, *outputs])
 
 
-def post_process(log_likelihoods: Sequence[torch.Tensor], image_size: tuple[int, int], top_k: float) -> dict[
-    str, torch.Tensor
-]:
+def post_process(
+    log_likelihoods: Sequence[torch.Tensor], image_size: tuple[int, int], top_k: float
+) -> dict[str, torch.Tensor]:
     """Score maps and image scores from the per-scale log-likelihood maps (official ``post_process``).
 
     Args:

@@ -85,10 +85,13 @@ class ResNetStages(nn.Module):
             raise ValueError(f"unknown extractor {name!r}; choose from {sorted(RESNETS)}")
         self.name = name
         self.pretrained = bool(pretrained)
-        network = torchvision.models.get_model(name, weights=None)
-        if pretrained:
+        state = None
+        if pretrained:  # before building the network: a missing file fails fast
             weights = torchvision.models.get_weight(RESNETS[name])
-            network.load_state_dict(load_hub_checkpoint(weights.url, f"{name} ({RESNETS[name]})"))
+            state = load_hub_checkpoint(weights.url, f"{name} ({RESNETS[name]})")
+        network = torchvision.models.get_model(name, weights=None)
+        if state is not None:
+            network.load_state_dict(state)
         self.stem = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
         self.layer1, self.layer2, self.layer3 = network.layer1, network.layer2, network.layer3
         self.channels = [self._out_channels(layer) for layer in (self.layer1, self.layer2, self.layer3)]

@@ -1,8 +1,9 @@
 """MSFlow (Zhou et al., TNNLS 2024) in plain PyTorch: multi-scale CNN features, parallel flows, a fusion flow.
 
 Spec ``shared/specs/baselines.md`` §5; official code cool-xuan/msflow (``models/flow_models.py``,
-``models/freia_utils.py``, ``train.py``, ``post_process.py``). The flows are built from FrEIA's graph classes and
-anomalib's :class:`~anomalib.models.components.flow.AllInOneBlock` (a copy of FrEIA's, which the official code uses).
+``models/freia_utils.py``, ``train.py``, ``post_process.py``). The flows are built from FrEIA (``SequenceINN``,
+``PermuteRandom``, ``InvertibleModule``) and anomalib's :class:`~anomalib.models.components.flow.AllInOneBlock` (a
+copy of FrEIA's, which the official code uses); besides ``InferenceBatch`` these are the only non-PyTorch imports.
 
 Pipeline of one image (input ``S x S``, ImageNet-normalised):
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from anomalib.models.components.flow import AllInOneBlock
-from FrEIA.framework import GraphINN, InputNode, Node, OutputNode, SequenceINN
+from FrEIA.framework import SequenceINN
 from FrEIA.modules import InvertibleModule, PermuteRandom
 from torch import nn
 
@@ -208,13 +209,32 @@ class FusionCoupling(InvertibleModule):
         return input_dims
 
 
-def fusion_flow(channels: Sequence[int], clamp: float) -> GraphINN:
-    """The fusion flow: a fixed random channel permutation per scale, then one :class:`FusionCoupling`."""
-    inputs = [InputNode(c, 1, 1, name=f"input{i}") for i, c in enumerate(channels)]
-    permutes = [Node(node, PermuteRandom, {}, name=f"permute_{i}") for i, node in enumerate(inputs)]
-    fusion = Node([(node, 0) for node in permutes], FusionCoupling, {"clamp": clamp}, name="fusion")
-    outputs = [OutputNode((fusion, i), name=f"output_{i}") for i in range(len(channels))]
-    return GraphINN([*inputs, *permutes, fusion, *outputs])
+class FusionFlow(nn.Module):
+    """The fusion flow: a fixed random channel permutation per scale, then one :class:`FusionCoupling`.
+
+    Permutations are FrEIA's ``PermuteRandom`` (drawn from NumPy's global generator, seeded by ``seed_everything``).
+
+    The official code wires the same two steps as a FrEIA ``GraphINN``, whose module order is not stable between
+    constructions (its ``load_weights`` re-maps permutations by size); a fixed order keeps checkpoints loadable.
+    """
+
+    def __init__(self, channels: Sequence[int], clamp: float) -> None:
+        super().__init__()
+        self.permutations = nn.ModuleList(PermuteRandom([(c, 1, 1)]) for c in channels)
+        self.coupling = FusionCoupling([(c, 1, 1) for c in channels], clamp=clamp)
+
+    def forward(self, xs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-scale latents and ``log|det J|`` ``[B]`` (permutations have determinant ±1); ``rev`` inverts."""
+        if not rev:
+            permuted = [perm([x])[0][0] for perm, x in zip(self.permutations, xs, strict=True)]
+            return self.coupling(permuted)
+        ys, log_det = self.coupling(list(xs), rev=True)
+        return [perm([y], rev=True)[0][0] for perm, y in zip(self.permutations, ys, strict=True)], log_det
+
+
+def fusion_flow(channels: Sequence[int], clamp: float) -> FusionFlow:
+    """The fusion flow over scales with ``channels`` (see :class:`FusionFlow`)."""
+    return FusionFlow(channels, clamp)
 
 
 def post_process(

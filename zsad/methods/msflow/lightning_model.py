@@ -53,7 +53,7 @@ class MSFlow(ZSADModule, AnomalibModule):
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma`` ((75, 90)).
         lr_gamma: Learning-rate decay factor (0.33).
         grad_clip_norm: Gradient-norm clipping of every step (2).
-        pre_processor: anomalib pre-processor or flag (``True``: resize + ImageNet normalisation).
+        pre_processor: anomalib pre-processor or flag (``True``: bicubic resize + ImageNet normalisation).
         post_processor: anomalib post-processor or flag (none by default: raw scores).
         evaluator: Evaluator or flag (zsad's exact per-category evaluator by default).
         visualizer: anomalib visualizer or flag (off by default).
@@ -102,14 +102,18 @@ class MSFlow(ZSADModule, AnomalibModule):
         self.grad_clip_norm = float(grad_clip_norm)
 
     def configure_pre_processor(self, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (bilinear, antialiased) + ImageNet normalisation, as the official dataset."""
+        """Resize to ``image_size`` + ImageNet normalisation, as the official dataset.
+
+        The official resize is PIL's Lanczos, which torchvision's tensor transforms lack; antialiased bicubic is the
+        closest tensor filter.
+        """
         if image_size is None:
             image_size = self.hparams.get("image_size", 256)
         side = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
         return PreProcessor(
             transform=Compose(
                 [
-                    Resize((side, side), interpolation=InterpolationMode.BILINEAR, antialias=True),
+                    Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True),
                     Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
                 ]
             ),

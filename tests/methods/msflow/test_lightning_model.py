@@ -90,3 +90,11 @@ def test_missing_pretrained_extractor_offline_names_the_file_and_folder(
     assert "wide_resnet50_2-95faca4d.pth" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
     assert "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth" in message
+
+
+def test_anomalib_finds_msflow_by_name() -> None:
+    from anomalib.models import AnomalibModule, get_model
+
+    assert AnomalibModule in MSFlow.__bases__
+    model = get_model("msflow", backbone="resnet18", pretrained=False, image_size=64, blocks=(1, 1, 1))
+    assert type(model) is MSFlow and model.learning_type.value == "one_class"

@@ -120,3 +120,22 @@ def test_model_trains_on_the_nll_and_scores_images() -> None:
         out = model(images)
     assert out.pred_score.shape == (2,) and out.anomaly_map.shape == (2, 64, 64)
     assert (out.anomaly_map >= 0).all() and torch.isfinite(out.pred_score).all()
+
+
+def test_anomalibs_all_in_one_block_equals_freias_which_the_official_code_uses() -> None:
+    from anomalib.models.components.flow import AllInOneBlock as AnomalibBlock
+    from FrEIA.modules import AllInOneBlock as FreiaBlock
+
+    from zsad.methods.msflow.torch_model import ConvLayerNormSubnet
+
+    kwargs = {"subnet_constructor": ConvLayerNormSubnet, "affine_clamping": 1.9, "global_affine_type": "SOFTPLUS"}
+    ours, official = AnomalibBlock([(8, 1, 1)], [(4, 1, 1)], **kwargs), FreiaBlock([(8, 1, 1)], [(4, 1, 1)], **kwargs)
+    with torch.no_grad():
+        for p in ours.subnet.parameters():
+            p.normal_(0, 0.2)
+    official.load_state_dict(ours.state_dict())
+    x, c = torch.randn(2, 8, 5, 5), torch.randn(2, 4, 5, 5)
+    (y_ours,), jac_ours = ours([x], [c])
+    (y_official,), jac_official = official([x], [c])
+    torch.testing.assert_close(y_ours, y_official)
+    torch.testing.assert_close(jac_ours, jac_official)

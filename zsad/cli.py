@@ -77,7 +77,19 @@ class ZSADCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
-        """Build the classes, then make sure a W&B logger cannot prompt or hang (offline without an API key)."""
+        """Check the files anomalib models download (timm weights, EfficientAD's teacher and Imagenette) first.
+
+        Offline, a missing file then fails with one error naming it and its folder (:mod:`zsad.methods.assets`).
+        Afterwards a W&B logger is made unable to prompt or hang (offline without an API key).
+        """
+        from zsad.methods.assets import ensure_model_assets
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model = config.get("model") if hasattr(config, "get") else None
+        class_path = getattr(model, "class_path", None)
+        if class_path:
+            init_args = getattr(model, "init_args", None)
+            ensure_model_assets(class_path, vars(init_args) if init_args is not None else {}, self.subcommand == "fit")
         super().instantiate_classes()
         from zsad.wandb_fallback import ensure_wandb_usable
 

@@ -1,9 +1,10 @@
 """zsad's ZSAD methods; each is an anomalib ``AnomalibModule`` usable from anomalib's Engine and CLI."""
 
+from zsad.methods.adaclip import AdaCLIP
 from zsad.methods.adaptclip import AdaptCLIP
 from zsad.methods.anomalyclip import AnomalyCLIP
 from zsad.methods.base import ZSADModule, count_parameters
 from zsad.methods.clip_ada import CLIPADA
 from zsad.methods.learnable_vectors import LearnableVectors
 
-__all__ = ["AdaptCLIP", "AnomalyCLIP", "CLIPADA", "LearnableVectors", "ZSADModule", "count_parameters"]
+__all__ = ["AdaCLIP", "AdaptCLIP", "AnomalyCLIP", "CLIPADA", "LearnableVectors", "ZSADModule", "count_parameters"]

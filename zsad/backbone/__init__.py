@@ -13,8 +13,8 @@ from zsad.backbone.clip import (
 )
 from zsad.backbone.dpam import vv_attention_block
 from zsad.backbone.prompts import PromptTemplate, TensorStateCache, run_text_layers, run_text_tower
-from zsad.backbone.visual_prompts import encode_image_with_prompts
 from zsad.backbone.tokenizer import CLIPBPETokenizer, get_tokenizer
+from zsad.backbone.visual_prompts import encode_image_with_prompts
 
 __all__ = [
     "DEFAULT_BACKBONE",

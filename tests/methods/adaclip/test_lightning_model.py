@@ -125,7 +125,9 @@ def test_malformed_official_checkpoints_name_the_file(module: AdaCLIP, tmp_path:
         "list.pth": (lambda p: torch.save([1, 2], p), "not a state dict"),
         "garbage.pth": (lambda p: p.write_bytes(b"\x00garbage" * 40), "not a readable"),
         "nan.pth": (
-            lambda p: torch.save({**good, "clip_model.cls_token_layer.head.0.bias": torch.full((16,), float("nan"))}, p),
+            lambda p: torch.save(
+                {**good, "clip_model.cls_token_layer.head.0.bias": torch.full((16,), float("nan"))}, p
+            ),
             "NaN",
         ),
         "missing.pth": (

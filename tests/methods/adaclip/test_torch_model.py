@@ -105,7 +105,10 @@ def official_forward(model: AdaCLIPModel, image: torch.Tensor, category: str) ->
     feature = F.normalize(0.2 * hsf + 0.8 * cls, dim=1)
     score = torch.softmax(100.0 * feature @ text, dim=1)[0, 1]
     side = int(tokens[0].shape[1] ** 0.5)
-    up = [F.interpolate(m.permute(0, 2, 1).view(1, 2, side, side), SIZE, mode="bilinear", align_corners=True) for m in maps]
+    up = [
+        F.interpolate(m.permute(0, 2, 1).view(1, 2, side, side), SIZE, mode="bilinear", align_corners=True)
+        for m in maps
+    ]
     prob_map = torch.softmax(torch.stack(up, 1).mean(1), dim=1)
     amap = ((prob_map[:, 1] + 1 - prob_map[:, 0]) / 2)[0].numpy()
     return float(score), gaussian_filter(amap, sigma=4)

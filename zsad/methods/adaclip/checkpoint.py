@@ -89,9 +89,7 @@ def convert_official_state_dict(
             "the checkpoint; the official ones are 5 / 4 / [6, 12, 18, 24])."
         )
         raise OfficialCheckpointError(msg)
-    wrong = [
-        f"{k}: {tuple(v.shape)} != {tuple(expected[k])}" for k, v in converted.items() if v.shape != expected[k]
-    ]
+    wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k])}" for k, v in converted.items() if v.shape != expected[k]]
     if wrong:
         msg = f"{name!r}: shapes do not fit this backbone (the official one is ViT-L/14@336): {wrong[:6]}."
         raise OfficialCheckpointError(msg)

@@ -121,9 +121,7 @@ class AdaCLIP(ZSADModule, AnomalibModule):
 
     def load_official_checkpoint(self, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
         """Load a released official checkpoint (strict keys and shapes, finite values; see :mod:`.checkpoint`)."""
-        expected = {
-            name: p.shape for name, p in self.model.named_parameters() if not name.startswith("backbone.")
-        }
+        expected = {name: p.shape for name, p in self.model.named_parameters() if not name.startswith("backbone.")}
         converted = convert_official_state_dict(path_or_state_dict, expected)
         with torch.no_grad():
             for name, value in converted.items():
@@ -168,7 +166,8 @@ class AdaCLIP(ZSADModule, AnomalibModule):
             pixel = maps.new_zeros(())
             for index in range(maps.shape[1]):
                 layer = maps[:, index]
-                pixel = pixel + self.focal(layer, mask) + self.dice(layer[:, 1], mask) + self.dice(layer[:, 0], 1 - mask)
+                pixel = pixel + self.focal(layer, mask) + self.dice(layer[:, 1], mask)
+                pixel = pixel + self.dice(layer[:, 0], 1 - mask)
             loss = loss + pixel
             terms["pixel"] = pixel.detach()
         return {"loss": loss, **terms}

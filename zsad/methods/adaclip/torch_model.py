@@ -298,10 +298,8 @@ class AdaCLIPModel(nn.Module):
             self.backbone, images, self.visual_prompts(dynamic_visual), layers=self.layers, project=False
         )
         text = self.text_features(categories, dynamic_text)  # [B, E, 2]
-        patches = torch.stack(
-            [F.normalize(head(t.float()), dim=-1) for head, t in zip(self.patch_heads, vision.patch_tokens, strict=True)],
-            dim=1,
-        )  # [B, L, N, E]
+        heads = zip(self.patch_heads, vision.patch_tokens, strict=True)
+        patches = torch.stack([F.normalize(head(t.float()), dim=-1) for head, t in heads], dim=1)  # [B, L, N, E]
         image_feature = F.normalize(self.global_head(vision.global_embedding.float()), dim=-1)
         logits = self.logit_scale * patches @ text.unsqueeze(1)  # [B, L, N, 2]
         if self.use_hsf:

@@ -85,3 +85,22 @@ def kmeans(x: torch.Tensor, k: int, seed: int, max_iter: int = 300, tol: float =
             break
         labels = new_labels
     return labels
+
+
+@torch.no_grad()
+def sklearn_kmeans(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The official clustering: ``sklearn.cluster.KMeans(k, n_init="auto", random_state=seed)`` on the CPU.
+
+    For parity checks against the official code (run it with the same ``random_state``); needs scikit-learn (the
+    ``test`` extra) and copies the points to the host.
+
+    Raises:
+        ImportError: scikit-learn is not installed (with the command that installs it).
+    """
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError as err:
+        msg = "kmeans_backend='sklearn' needs scikit-learn: pip install scikit-learn (or use kmeans_backend='torch')."
+        raise ImportError(msg) from err
+    labels = KMeans(n_clusters=k, n_init="auto", random_state=int(seed)).fit_predict(x.detach().float().cpu().numpy())
+    return torch.as_tensor(labels, dtype=torch.long, device=x.device)

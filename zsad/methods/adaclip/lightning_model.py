@@ -46,6 +46,8 @@ class AdaCLIP(ZSADModule, AnomalibModule):
         use_hsf: Hybrid semantic fusion for the image score.
         hsf_alpha: Weight of the HSF feature (0.2).
         kmeans_seed: Seed of the HSF k-means++ draws.
+        kmeans_backend: ``"torch"`` (on the model's device) or ``"sklearn"`` (the official KMeans on the CPU with
+            ``random_state=kmeans_seed``, for parity checks against the official code).
         sigma: Gaussian sigma of the test maps (4).
         fp16_prompts: Round prompts to float16 before use (the official ``.half()``).
         class_words: Category → class word, e.g. ``{nunozumi: concrete block}`` (Gogan's categories default to
@@ -73,6 +75,7 @@ class AdaCLIP(ZSADModule, AnomalibModule):
         use_hsf: bool = True,
         hsf_alpha: float = 0.2,
         kmeans_seed: int = 111,
+        kmeans_backend: str = "torch",
         sigma: float = 4.0,
         fp16_prompts: bool = True,
         class_words: dict[str, str] | None = None,
@@ -108,6 +111,7 @@ class AdaCLIP(ZSADModule, AnomalibModule):
             use_hsf=use_hsf,
             hsf_alpha=hsf_alpha,
             kmeans_seed=kmeans_seed,
+            kmeans_backend=kmeans_backend,
             sigma=sigma,
             fp16_prompts=fp16_prompts,
             class_words=class_words,

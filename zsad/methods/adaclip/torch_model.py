@@ -39,7 +39,7 @@ from torch import nn
 
 from zsad.backbone import CLIPBackbone, encode_image_with_prompts, run_text_layers
 from zsad.backbone.ensembles import ADACLIP, PromptEnsemble, class_word
-from zsad.methods.adaclip.kmeans import kmeans
+from zsad.methods.adaclip.kmeans import kmeans, sklearn_kmeans
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 
 #: Class words used unless the config overrides them: Gogan's categories are concrete blocks (seed 003).
@@ -69,6 +69,8 @@ class AdaCLIPModel(nn.Module):
         use_hsf: Fuse the clustered patch features into the image feature (HSF); ``False`` scores ``ĉ`` alone.
         hsf_alpha: Weight of the HSF feature in the fused image feature (0.2).
         kmeans_seed: Seed of every image's k-means++ draws (scores are deterministic and batch-independent).
+        kmeans_backend: ``"torch"`` (default: on the model's device, :func:`~.kmeans.kmeans`) or ``"sklearn"`` (the
+            official ``KMeans(n_init="auto", random_state=kmeans_seed)`` on the CPU, for parity checks).
         logit_scale: Fixed similarity scale (100).
         sigma: Gaussian sigma of the test maps (4; 0 disables).
         init_std: Standard deviation of the static prompts' normal initialisation (0.02).
@@ -88,6 +90,7 @@ class AdaCLIPModel(nn.Module):
         use_hsf: bool = True,
         hsf_alpha: float = 0.2,
         kmeans_seed: int = 111,
+        kmeans_backend: str = "torch",
         logit_scale: float = 100.0,
         sigma: float = 4.0,
         init_std: float = 0.02,
@@ -107,6 +110,9 @@ class AdaCLIPModel(nn.Module):
         if not 2 <= prompt_depth <= min(n_text, backbone.num_layers):
             msg = f"prompt_depth must be in 2..{min(n_text, backbone.num_layers)}, got {prompt_depth}."
             raise ValueError(msg)
+        if kmeans_backend not in ("torch", "sklearn"):
+            msg = f"kmeans_backend must be 'torch' or 'sklearn', got {kmeans_backend!r}."
+            raise ValueError(msg)
         if prompt_length < 1 or k_clusters < 1:
             msg = f"prompt_length and k_clusters must be positive, got {prompt_length} and {k_clusters}."
             raise ValueError(msg)
@@ -118,6 +124,7 @@ class AdaCLIPModel(nn.Module):
         self.use_hsf = use_hsf
         self.hsf_alpha = hsf_alpha
         self.kmeans_seed = kmeans_seed
+        self.kmeans_backend = kmeans_backend
         self.logit_scale = logit_scale
         self.fp16_prompts = fp16_prompts
         self.class_words = dict(class_words or {})
@@ -253,7 +260,8 @@ class AdaCLIPModel(nn.Module):
         fused = []
         for b in range(selected.shape[0]):
             stacked = selected[b].permute(1, 0, 2).reshape(k, -1)  # [k, L*E]: the layers' features side by side
-            labels = kmeans(stacked, min(self.k_clusters, k), seed=self.kmeans_seed)
+            cluster = kmeans if self.kmeans_backend == "torch" else sklearn_kmeans
+            labels = cluster(stacked, min(self.k_clusters, k), seed=self.kmeans_seed)
             # Cluster centre = mean over its members of all layers' tokens = mean over members of the layer-mean.
             member_means = selected[b].mean(dim=0)  # [k, E]
             sums = member_means.new_zeros(self.k_clusters, member_means.shape[1]).index_add(0, labels, member_means)

@@ -166,7 +166,7 @@ class AdaCLIPModel(nn.Module):
 
     def dynamic_prompts(self, image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P^D_V [B, n, width], P^D_T [B, n, text_width])`` from the frozen global embeddings ``[B, E]``."""
-        e = image_embedding.float()
+        e = image_embedding.to(self.global_head.weight.dtype)
         visual = torch.stack([head(e) for head in self.visual_dynamic], dim=1)
         text = torch.stack([head(e) for head in self.text_dynamic], dim=1)
         return visual, text
@@ -307,8 +307,12 @@ class AdaCLIPModel(nn.Module):
         )
         text = self.text_features(categories, dynamic_text)  # [B, E, 2]
         heads = zip(self.patch_heads, vision.patch_tokens, strict=True)
-        patches = torch.stack([F.normalize(head(t.float()), dim=-1) for head, t in heads], dim=1)  # [B, L, N, E]
-        image_feature = F.normalize(self.global_head(vision.global_embedding.float()), dim=-1)
+        patches = torch.stack(
+            [F.normalize(head(t.to(head.weight.dtype)).float(), dim=-1) for head, t in heads], dim=1
+        )  # [B, L, N, E]
+        image_feature = F.normalize(
+            self.global_head(vision.global_embedding.to(self.global_head.weight.dtype)).float(), dim=-1
+        )
         logits = self.logit_scale * patches @ text.unsqueeze(1)  # [B, L, N, 2]
         if self.use_hsf:
             fused = self.hsf_alpha * self.hybrid_semantic_fusion(patches, logits) + (1 - self.hsf_alpha) * image_feature

@@ -39,7 +39,9 @@ def run_text_tower(
         token_embeddings: ``[P, T, W]`` token embeddings, learnable vectors already in place.
         eot_index: ``[P]`` end-of-text positions (OpenAI pooling: argmax of the ids).
         deep_prompts: ``{layer_index (0-based): [n, W] or [P, n, W]}``; before that layer hidden positions ``1..n``
-            are replaced (the sequence length and the EOT position do not change).
+            are replaced (the sequence length and the EOT position do not change). A ``[n, W]`` prompt is shared by
+            the ``P`` prompts; a caller that must transform each copy (AnomalyCLIP's per-prompt fp16 cast) passes
+            ``[P, n, W]``.
 
     Returns:
         ``[P, E]`` projected EOT features.

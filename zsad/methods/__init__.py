@@ -1,5 +1,6 @@
 """zsad's ZSAD methods; each is an anomalib ``AnomalibModule`` usable from anomalib's Engine and CLI."""
 
+from zsad.methods.adaclip import AdaCLIP
 from zsad.methods.adaptclip import AdaptCLIP
 from zsad.methods.anomalyclip import AnomalyCLIP
 from zsad.methods.april_gan import APRILGAN
@@ -11,6 +12,7 @@ from zsad.methods.winclip import WinCLIP
 
 __all__ = [
     "APRILGAN",
+    "AdaCLIP",
     "AdaptCLIP",
     "AnomalyCLIP",
     "CLIPADA",

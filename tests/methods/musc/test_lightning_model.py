@@ -84,14 +84,20 @@ def test_cli_test_on_gogan_scores_the_category_as_one_set(
 
 
 def test_categories_straddling_batches_and_unknown_sizes(
-    gogan_like_root: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, gogan_like_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two categories in one test set, a batch of 4 mixing them; without category sizes, all is scored at epoch end."""
     delivered = record_deliveries(monkeypatch)
     datamodule = UnifiedDataset(dataset="gogan", root=gogan_like_root, eval_batch_size=4, check_files=False)
     torch.manual_seed(0)
     model = MuSc(backbone="tiny", weights="random", image_size=SIZE, feature_dtype="float32")
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.test(model, datamodule=datamodule, verbose=False)
     first = by_category(delivered)
     assert any(len(set(batch["category"])) == 2 for batch in delivered)  # 15 nunozumi + 12 tanizumi in batches of 4
@@ -115,7 +121,7 @@ def test_categories_straddling_batches_and_unknown_sizes(
     assert model.evaluator.results == results
 
 
-def test_fit_and_predict_are_refused(gogan_like_root: Path) -> None:
+def test_fit_and_predict_are_refused(tmp_path: Path, gogan_like_root: Path) -> None:
     model = MuSc(backbone="tiny", weights="random", image_size=SIZE)
     assert model.learning_type.value == "zero_shot"
     assert not any(p.requires_grad for p in model.parameters())
@@ -127,6 +133,7 @@ def test_fit_and_predict_are_refused(gogan_like_root: Path) -> None:
         enable_model_summary=False,
         max_epochs=1,
         enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     with pytest.raises(RuntimeError, match="training-free"):
         trainer.fit(model, datamodule=datamodule)

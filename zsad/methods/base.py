@@ -203,3 +203,8 @@ class ZSADModule:
         state = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         checkpoint["zsad_backbone"] = self.backbone.identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the calibrated decision thresholds (``zsad calibrate``) for the predictions writer and exports."""
+        super().on_load_checkpoint(checkpoint)
+        self.zsad_thresholds = checkpoint.get("zsad_thresholds")

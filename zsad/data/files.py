@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pandas import DataFrame
 from PIL import Image as PILImage
+from PIL import ImageOps
 from PIL import UnidentifiedImageError
 from torchvision.tv_tensors import Image, Mask
 
@@ -87,7 +88,8 @@ def read_image(path: str | Path) -> Image:
     try:
         with PILImage.open(path) as image:
             image.load()
-            array = _rgb_array(image)
+            # Photos from phones store the sensor orientation in EXIF; show them as every viewer does.
+            array = _rgb_array(ImageOps.exif_transpose(image))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise _open_error(path, err) from err
     return Image(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))

@@ -15,24 +15,26 @@ from zsad.cli import build_cli
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, mvtec_like_root: Path, mvtec_like_root_b: Path) -> Path:
     """LearnableVectors on the tiny backbone after one training step, written by `zsad fit` (records its class)."""
     root = tmp_path_factory.mktemp("deploy_fit")
-    build_cli([
-        "fit",
-        "--model=zsad.methods.LearnableVectors",
-        "--model.backbone=tiny",
-        "--model.image_size=98",
-        "--model.evaluator=false",
-        "--data=zsad.data.CrossDataset",
-        f"--data.train={{dataset: mvtec, root: {mvtec_like_root}}}",
-        f"--data.test={{dataset: mvtec, root: {mvtec_like_root_b}}}",
-        "--data.train_batch_size=4",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={root}",
-    ])
+    build_cli(
+        [
+            "fit",
+            "--model=zsad.methods.LearnableVectors",
+            "--model.backbone=tiny",
+            "--model.image_size=98",
+            "--model.evaluator=false",
+            "--data=zsad.data.CrossDataset",
+            f"--data.train={{dataset: mvtec, root: {mvtec_like_root}}}",
+            f"--data.test={{dataset: mvtec, root: {mvtec_like_root_b}}}",
+            "--data.train_batch_size=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     (checkpoint,) = root.rglob("*.ckpt")
     return checkpoint
 

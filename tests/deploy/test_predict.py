@@ -23,8 +23,11 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
 def test_predict_on_a_folder_without_config_writes_a_row_and_unique_files_per_image(
     tiny_checkpoint: Path, photo_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    build_cli(predict_args(tiny_checkpoint, photo_folder, tmp_path, "--predictions.save_maps=npy",
-                           "--predictions.save_overlays=true"))
+    build_cli(
+        predict_args(
+            tiny_checkpoint, photo_folder, tmp_path, "--predictions.save_maps=npy", "--predictions.save_overlays=true"
+        )
+    )
     csv_path = tmp_path / "predictions" / "predictions.csv"
     assert str(csv_path) in capsys.readouterr().out
     rows = _rows(csv_path)
@@ -51,11 +54,22 @@ def test_calibrate_at_target_fpr_then_predict_labels_and_regions(
         shutil.copy(path, normal.mkdir(exist_ok=True) or normal / f"{i:02d}.png")
     assert len(list(normal.iterdir())) == 8
     calibrated = tmp_path / "calibrated.ckpt"
-    main(["calibrate", f"--ckpt_path={tiny_checkpoint}", "--target_fpr=0.25", f"--output={calibrated}",
-          "--data=zsad.data.Images", f"--data.root={normal}", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
-    build_cli(predict_args(calibrated, normal, tmp_path, "--predictions.save_maps=npy",
-                           "--predictions.map_resolution=input"))
+    main(
+        [
+            "calibrate",
+            f"--ckpt_path={tiny_checkpoint}",
+            "--target_fpr=0.25",
+            f"--output={calibrated}",
+            "--data=zsad.data.Images",
+            f"--data.root={normal}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    build_cli(
+        predict_args(calibrated, normal, tmp_path, "--predictions.save_maps=npy", "--predictions.map_resolution=input")
+    )
     rows = _rows(tmp_path / "predictions" / "predictions.csv")
     assert [row["calibrated"] for row in rows] == ["true"] * 8
     assert sorted(row["pred_label"] for row in rows) == ["0"] * 6 + ["1"] * 2  # 25 % of the 8 normal images
@@ -75,14 +89,26 @@ def test_onnx_export_of_a_calibrated_checkpoint_predicts_like_pytorch(
 ) -> None:
     pytest.importorskip("onnxruntime")
     calibrated = tmp_path / "calibrated.ckpt"
-    main(["calibrate", f"--ckpt_path={tiny_checkpoint}", "--target_fpr=0.5", f"--output={calibrated}",
-          "--data=zsad.data.Images", f"--data.root={photo_folder}", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    main(
+        [
+            "calibrate",
+            f"--ckpt_path={tiny_checkpoint}",
+            "--target_fpr=0.5",
+            f"--output={calibrated}",
+            "--data=zsad.data.Images",
+            f"--data.root={photo_folder}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     onnx_path = tmp_path / "model.onnx"
     main(["export", f"--ckpt_path={calibrated}", "--format=onnx", f"--output={onnx_path}"])
     build_cli(predict_args(calibrated, photo_folder, tmp_path / "torch"))
-    build_cli([a for a in predict_args("", photo_folder, tmp_path / "onnx") if not a.startswith("--ckpt_path")]
-              + [f"--model={onnx_path}"])
+    build_cli(
+        [a for a in predict_args("", photo_folder, tmp_path / "onnx") if not a.startswith("--ckpt_path")]
+        + [f"--model={onnx_path}"]
+    )
     torch_rows = _rows(tmp_path / "torch" / "predictions" / "predictions.csv")
     onnx_rows = _rows(tmp_path / "onnx" / "predictions" / "predictions.csv")
     assert [r["image_path"] for r in onnx_rows] == [r["image_path"] for r in torch_rows]

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from pandas import DataFrame
 from PIL import Image as PILImage
-from PIL import ImageOps
-from PIL import UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 from torchvision.tv_tensors import Image, Mask
 
 from zsad.data.errors import BadImageError, Problem, format_problems

@@ -78,7 +78,12 @@ class ScoreCollector(Callback):
         def cat(parts: list[np.ndarray]) -> np.ndarray | None:
             return np.concatenate(parts) if parts and len(parts) == n_batches else None
 
-        return {"scores": cat(self.scores), "maps": cat(self.maps), "labels": cat(self.labels), "masks": cat(self.masks)}
+        return {
+            "scores": cat(self.scores),
+            "maps": cat(self.maps),
+            "labels": cat(self.labels),
+            "masks": cat(self.masks),
+        }
 
 
 class CalibrateCLI(ZSADCLI):
@@ -146,8 +151,11 @@ def compute_thresholds(
     pixel = None
     if maps is not None:
         pixel = threshold_at_fpr(maps[normal], pixel_rate)
-        info.update(pixel_target_fpr=float(pixel_rate), n_pixels=int(maps[normal].size),
-                    pixel_fpr=flag_rate(maps[normal], pixel))
+        info.update(
+            pixel_target_fpr=float(pixel_rate),
+            n_pixels=int(maps[normal].size),
+            pixel_fpr=flag_rate(maps[normal], pixel),
+        )
     return Thresholds(image, pixel, info)
 
 
@@ -188,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     CalibrateCLI.collector = ScoreCollector()
     lightning_args = ["predict", "--ckpt_path", str(ckpt), "--return_predictions=false", *rest]
     build_cli(lightning_args, cli_class=CalibrateCLI)
-    thresholds = compute_thresholds(CalibrateCLI.collector.arrays(), args.target_fpr, args.pixel_target_fpr,
-                                    args.metric)
+    thresholds = compute_thresholds(
+        CalibrateCLI.collector.arrays(), args.target_fpr, args.pixel_target_fpr, args.metric
+    )
     info = dict(thresholds.calibration, checkpoint=str(ckpt), date=datetime.now(UTC).isoformat(timespec="seconds"))
     thresholds = Thresholds(thresholds.image_threshold, thresholds.pixel_threshold, info)
     written = write_calibrated(ckpt, thresholds, output)

@@ -110,10 +110,12 @@ class ExportedModel(AnomalibModule):
         """Squash resize + normalisation exactly as the exported model was trained with."""
         size = int(self._metadata["image_size"])
         return PreProcessor(
-            transform=Compose([
-                Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                Normalize(mean=self._metadata["mean"], std=self._metadata["std"]),
-            ]),
+            transform=Compose(
+                [
+                    Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+                    Normalize(mean=self._metadata["mean"], std=self._metadata["std"]),
+                ]
+            ),
         )
 
     def configure_post_processor(self) -> None:
@@ -121,7 +123,7 @@ class ExportedModel(AnomalibModule):
         return
 
     def configure_evaluator(self):  # noqa: ANN201
-        """zsad's evaluator, for ``zsad test --model <export>``."""
+        """The zsad evaluator, for ``zsad test --model <export>``."""
         from zsad.metrics import ZSADEvaluator
 
         return ZSADEvaluator()
@@ -167,4 +169,3 @@ class ExportedModel(AnomalibModule):
     def validation_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401, ARG002
         """Score the batch for the evaluator."""
         return self._infer(batch)
-

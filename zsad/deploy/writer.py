@@ -71,11 +71,13 @@ def connected_regions(anomaly_map: np.ndarray, threshold: float) -> list[dict[st
     regions = []
     for box, area, peak in zip(ndimage.find_objects(labels), areas, maxima, strict=True):
         rows, cols = box
-        regions.append({
-            "bbox": [int(cols.start), int(rows.start), int(cols.stop - 1), int(rows.stop - 1)],
-            "area": int(area),
-            "max_score": float(peak),
-        })
+        regions.append(
+            {
+                "bbox": [int(cols.start), int(rows.start), int(cols.stop - 1), int(rows.stop - 1)],
+                "area": int(area),
+                "max_score": float(peak),
+            }
+        )
     return regions
 
 
@@ -237,8 +239,9 @@ class PredictionWriter(BasePredictionWriter):
             lines.append(json.dumps(record))
             rows.append([record.get(column) for column in CSV_COLUMNS])
         with self.csv_path.open("a", newline="") as handle:
-            csv.writer(handle).writerows([["" if v is None else str(v).lower() if isinstance(v, bool) else v
-                                           for v in row] for row in rows])
+            csv.writer(handle).writerows(
+                [["" if v is None else str(v).lower() if isinstance(v, bool) else v for v in row] for row in rows]
+            )
         with self.jsonl_path.open("a") as handle:
             handle.write("\n".join(lines) + "\n")
         self.rows += len(rows)
@@ -248,7 +251,9 @@ class PredictionWriter(BasePredictionWriter):
         record: dict[str, Any] = {
             "image_path": image_path,
             "pred_score": score,
-            "pred_label": None if t.image_threshold is None else int(np.float32(score) >= np.float32(t.image_threshold)),
+            "pred_label": None
+            if t.image_threshold is None
+            else int(np.float32(score) >= np.float32(t.image_threshold)),
             "calibrated": t.calibrated,
             "image_threshold": t.image_threshold,
             "pixel_threshold": t.pixel_threshold,
@@ -275,7 +280,14 @@ class PredictionWriter(BasePredictionWriter):
         return record
 
     def _overlay(
-        self, image_path: str, full: np.ndarray, batch: Any, i: int, score: float, label: int | None, name: Path  # noqa: ANN401
+        self,
+        image_path: str,
+        full: np.ndarray,
+        batch: Any,
+        i: int,
+        score: float,
+        label: int | None,
+        name: Path,  # noqa: ANN401
     ) -> Path:
         from zsad.data.files import read_image
         from zsad.viz import denormalize_image, overlay_figure, save_figure
@@ -305,4 +317,3 @@ class PredictionWriter(BasePredictionWriter):
 def read_predictions(jsonl_path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``predictions.jsonl`` file."""
     return [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
-

@@ -130,7 +130,7 @@ class ImageFiles(Dataset):
 
 
 class Images(LightningDataModule):
-    """Datamodule over any images: predict (and test/validate, for scoring only) on a folder, glob or file list.
+    """Datamodule over any images (predict only: there are no labels to test against): a folder, glob or file list.
 
     Args:
         root: A folder (searched recursively for PNG/JPEG/BMP/TIFF), a glob pattern, or a list of files.
@@ -204,10 +204,6 @@ class Images(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """All images in path order."""
-        return self._loader()
-
-    def test_dataloader(self) -> DataLoader:
-        """The same images (no labels: the evaluator has nothing to score, overlays still work)."""
         return self._loader()
 
     def batches(self) -> list[ZSADBatch]:

@@ -94,7 +94,7 @@ class ExportedModel(AnomalibModule):
         threads: int = 0,
         pre_processor: bool = True,
         post_processor: bool = False,
-        evaluator: bool = False,
+        evaluator: bool = True,
         visualizer: bool = False,
     ) -> None:
         runner = GraphRunner(path, device, threads)

@@ -33,6 +33,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from scipy import ndimage
 
+from zsad.data.files import read_image_size
 from zsad.deploy.thresholds import CHECKPOINT_KEY, Thresholds
 
 logger = logging.getLogger(__name__)
@@ -95,16 +96,6 @@ def output_name(image_path: str, root: Path | None = None) -> Path:
             except ValueError:
                 continue
     return Path(*path.parts[1:])  # outside both: the absolute path without its anchor
-
-
-def oriented_size(image_path: str) -> tuple[int, int]:
-    """``(H, W)`` of an image as displayed (EXIF orientations 5-8 swap the stored width and height)."""
-    from PIL import Image
-
-    with Image.open(image_path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
-    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -262,7 +253,7 @@ class PredictionWriter(BasePredictionWriter):
             record.update(n_regions=None, regions=None, anomaly_map=None, overlay=None)
             return record
         native = self.map_resolution == "native" and os.path.isfile(image_path)
-        size = oriented_size(image_path) if native else tuple(amap.shape)
+        size = read_image_size(image_path) if native else tuple(amap.shape)
         full = resize_map(amap, size).numpy()
         record["height"], record["width"] = int(size[0]), int(size[1])
         regions = None if t.pixel_threshold is None else connected_regions(full, t.pixel_threshold)

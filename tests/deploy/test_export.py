@@ -32,7 +32,7 @@ def test_onnx_runtime_equals_pytorch(cls: type, tmp_path: Path) -> None:
     images = _images(3)  # the batch axis stays dynamic
     with torch.no_grad():
         expected = model.model(images)
-    scores, maps = GraphRunner(path)(images.numpy())
+    scores, maps = GraphRunner(path, threads=1)(images.numpy())
     assert scores.shape == (3,) and maps.shape == (3, 98, 98)
     np.testing.assert_allclose(scores, expected.pred_score.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(maps, expected.anomaly_map.reshape(3, 98, 98).numpy(), atol=1e-4, rtol=0)
@@ -49,7 +49,7 @@ def test_openvino_equals_pytorch_and_carries_thresholds(tmp_path: Path) -> None:
     images = _images(2)
     with torch.no_grad():
         expected = model.model(images)
-    runner = GraphRunner(path)
+    runner = GraphRunner(path, threads=1)
     scores, maps = runner(images.numpy())
     np.testing.assert_allclose(scores, expected.pred_score.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(maps, expected.anomaly_map.numpy(), atol=1e-4, rtol=0)

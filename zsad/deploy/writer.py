@@ -118,10 +118,6 @@ def save_map(anomaly_map: np.ndarray, path: Path, fmt: MapFormat) -> Path:
     return path
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
-
-
 class PredictionWriter(BasePredictionWriter):
     """Write scores, labels, regions, maps and overlays of ``zsad predict`` (see the module docstring).
 

@@ -93,3 +93,6 @@ def test_predict_writes_overlay_pictures(tmp_path: Path, mvtec_like_root: Path, 
     pictures = sorted((tmp_path / "out" / "predictions").rglob("*.png"))
     test_images = [p for p in mvtec_like_root_b.rglob("test/*/*.png")]
     assert len(pictures) == len(test_images) > 0
+    # the predictions writer works on any datamodule: one CSV row per test image
+    rows = (tmp_path / "predictions" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(test_images)

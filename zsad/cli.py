@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 EXTRA_COMMANDS: dict[str, str] = {
     "benchmark": "zsad.benchmark:main",
     "export": "zsad.export:main",
+    "calibrate": "zsad.deploy.calibrate:main",
     "demo": "zsad.demo:main",
     "convert-weights": "zsad.convert_weights:main",
 }
@@ -31,7 +32,8 @@ DESCRIPTION = (
     "zsad: CLIP-based zero-shot anomaly detection on PyTorch Lightning.\n"
     "Lightning subcommands: fit, validate, test, predict (below).\n"
     "Extra commands: zsad benchmark (parameters and images/s), zsad export (learned parameters as safetensors), "
-    "zsad demo (the embedded default end to end). Each has --help."
+    "zsad demo (the embedded default end to end), zsad calibrate (decision thresholds into a checkpoint). Each has "
+    "--help. `zsad predict --ckpt_path <ckpt> --data zsad.data.Images --data.root <folder>` needs no config."
 )
 
 
@@ -50,6 +52,10 @@ class ZSADCLI(LightningCLI):
             default=False,
             help="After `fit`, run `test` on the datamodule's test split (the cross-dataset target) in the same run.",
         )
+        from zsad.deploy.writer import PredictionWriter
+
+        # predictions.csv / .jsonl (+ maps, overlays) for `zsad predict`; inert in the other subcommands.
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` safely and keep the configured model class.
@@ -120,6 +126,7 @@ def _import_plugins() -> None:
     # Importing registers zsad's classes as subclasses, so `--model LearnableVectors` and `--data CrossDataset`
     # resolve by short name (jsonargparse only knows imported subclasses).
     import zsad.data  # noqa: F401
+    import zsad.deploy  # noqa: F401  (ExportedModel: `zsad predict --model model.onnx`)
     import zsad.methods  # noqa: F401
 
 
@@ -129,12 +136,52 @@ def _extra_command(name: str) -> Callable[[Sequence[str]], None]:
     return getattr(module, func)
 
 
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ZSADCLI:
+def _option(args: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def resolve_model_args(args: Sequence[str]) -> list[str]:
+    """The one place that picks the model when the command line names none (or names an exported graph).
+
+    * ``--model <file.onnx | file.xml>`` → :class:`zsad.deploy.ExportedModel` running that export (ONNX Runtime /
+      OpenVINO).
+    * ``predict | test | validate --ckpt_path <ckpt>`` without ``--model`` or ``--config`` → the model class recorded
+      in the checkpoint (its hyper-parameters are then restored by LightningCLI from the same checkpoint).
+    """
+    args = list(args)
+    model = _option(args, "--model")
+    if model is not None and model.lower().endswith((".onnx", ".xml")):
+        args = [a for a in args if a != model and not a.startswith("--model=") and a != "--model"]
+        return [*args, "--model=zsad.deploy.ExportedModel", f"--model.path={model}"]
+    ckpt_path = _option(args, "--ckpt_path")
+    configured = model is not None or any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
+    if args and args[0] in ("predict", "test", "validate") and ckpt_path and not configured:
+        from zsad.methods.checkpoint_io import checkpoint_class_path, read_lightning_checkpoint
+
+        class_path = checkpoint_class_path(read_lightning_checkpoint(ckpt_path))
+        if not class_path:
+            msg = f"{ckpt_path} does not record its model class; pass --model <class> or --config <run config.yaml>."
+            raise SystemExit(msg)
+        args.insert(1, f"--model={class_path}")
+    return args
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True, cli_class: type[ZSADCLI] | None = None) -> ZSADCLI:
     """Build (and by default run) the Lightning CLI; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks)."""
     from anomalib.models import AnomalibModule
 
     _import_plugins()
-    return ZSADCLI(
+    if args is None:
+        # Rewrite the process's own arguments rather than passing `args`: LightningCLI warns when both are set.
+        sys.argv[1:] = resolve_model_args(sys.argv[1:])
+    else:
+        args = resolve_model_args(args)
+    return (cli_class or ZSADCLI)(
         model_class=AnomalibModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
@@ -142,7 +189,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ZSADCLI:
         save_config_kwargs={"overwrite": True},
         seed_everything_default=111,
         parser_kwargs={"description": DESCRIPTION},
-        args=list(args) if args is not None else None,
+        args=args,
         run=run,
     )
 

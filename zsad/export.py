@@ -9,6 +9,8 @@ Examples:
     zsad export --ckpt_path runs/.../checkpoints/last.ckpt --output vectors.safetensors
     zsad export --config configs/learnable_vectors/demo.yaml --ckpt_path last.ckpt --output vectors.safetensors
     zsad export --config configs/learnable_vectors/demo.yaml --output init.safetensors   # a fresh model's parameters
+    zsad export --ckpt_path last.ckpt --format onnx --output model.onnx        # whole inference graph (zsad.deploy)
+    zsad export --ckpt_path last.ckpt --format openvino --output model.xml
 """
 
 from __future__ import annotations
@@ -146,7 +148,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="Method config: names the model class for checkpoints that lack it; without "
         "--ckpt_path, a freshly built model's parameters are exported.",
     )
-    parser.add_argument("--output", default="trainable.safetensors", help="Destination file.")
+    parser.add_argument("--output", default=None, help="Destination file (default: model.<format suffix>).")
+    parser.add_argument(
+        "--format",
+        choices=["safetensors", "onnx", "openvino"],
+        default="safetensors",
+        help="safetensors: learned parameters only; onnx / openvino: the whole inference graph (image -> score, "
+        "map) with the calibrated thresholds in its metadata (needs --ckpt_path and the `deploy` extra).",
+    )
     return parser.parse_args(list(argv))
 
 
@@ -156,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.ckpt_path is None and args.config is None:
         msg = "zsad export needs --ckpt_path (a trained run) or --config (a fresh model)."
         raise SystemExit(msg)
+    if args.format != "safetensors":
+        return _export_graph(args)
+    args.output = args.output or "trainable.safetensors"
     if args.ckpt_path is not None:
         class_path = None
         if args.config is not None:
@@ -171,6 +183,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print(  # noqa: T201
         f"wrote {output} ({output.stat().st_size} bytes): {metadata['trainable_parameters']} parameters of "
         f"{metadata['class_path'] or 'an unnamed model'} on backbone {metadata['backbone']}",
+    )
+    return output
+
+
+def _export_graph(args: argparse.Namespace) -> Path:
+    from zsad.deploy.graph import export_from_checkpoint, read_metadata
+
+    if args.ckpt_path is None:
+        msg = f"--format {args.format} exports a trained model: pass --ckpt_path."
+        raise SystemExit(msg)
+    output = Path(args.output or ("model.onnx" if args.format == "onnx" else "model.xml"))
+    output = export_from_checkpoint(args.ckpt_path, output, args.format)
+    metadata = read_metadata(output)
+    thresholds = metadata["thresholds"]
+    state = "thresholds " + (
+        f"image {thresholds['image_threshold']!r}, pixel {thresholds['pixel_threshold']!r}"
+        if thresholds["image_threshold"] is not None
+        else "not calibrated"
+    )
+    print(  # noqa: T201
+        f"wrote {output} ({args.format}, input image [B,3,{metadata['image_size']},{metadata['image_size']}], "
+        f"{state}) from {args.ckpt_path}",
     )
     return output
 

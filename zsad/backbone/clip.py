@@ -245,7 +245,8 @@ class CLIPBackbone(nn.Module):
         """
         table = self.vision.embeddings.position_embedding.weight
         n_native = table.shape[0] - 1
-        side = int(round(n_native**0.5))
+        # int(): under ONNX tracing shapes are traced tensors, which round() rejects; the table size is a constant.
+        side = round(int(n_native) ** 0.5)
         if (side, side) == grid:
             return table
         patches = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)

@@ -23,6 +23,7 @@ from zsad.data.dataset import ZSADDataset
 from zsad.data.errors import BadImageError, DataError, DatasetLayoutError, DatasetNotFoundError
 from zsad.data.few_shot import few_shot_references, sample_references
 from zsad.data.files import binarize_mask, check_samples, read_image, read_mask, read_native_masks
+from zsad.data.images import Images
 from zsad.data.layouts import DATASETS, GOGAN_CATEGORIES, GOGAN_DEFECTS, DatasetSpec, get_spec, list_categories
 from zsad.data.perlin import PerlinAnomalies
 from zsad.data.synthetic import make_gogan_like, make_mvtec_like, make_visa_like
@@ -42,6 +43,7 @@ __all__ = [
     "DatasetSpec",
     "EpochSampler",
     "Gogan",
+    "Images",
     "MVTecAD",
     "PerlinAnomalies",
     "UnifiedDataset",

@@ -309,6 +309,8 @@ class ZSADModule:
         trainer = getattr(self, "_trainer", None)
         path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         self.check_checkpoint_fits(checkpoint, f"The checkpoint {str(path)!r}" if path else "The checkpoint")
+        # Calibrated decision thresholds (`zsad calibrate`) for the predictions writer and exports.
+        self.zsad_thresholds = checkpoint.get("zsad_thresholds")
 
     def check_checkpoint_fits(self, checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> None:
         """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this class with these trainable keys.

@@ -112,7 +112,7 @@ def text_similarity(
     text = F.normalize(text, dim=-1)
     logits = F.normalize(global_feature, dim=-1) @ text.T / temperature
     patch_probs = (F.normalize(tokens, dim=-1) @ text.T / temperature).softmax(dim=-1)
-    side = int(round(tokens.shape[1] ** 0.5))
+    side = round(int(tokens.shape[1]) ** 0.5)  # int(): shapes are tensors under ONNX tracing
     probs = upsample(patches_to_grid(patch_probs, (side, side)), image_size, mode="bilinear", align_corners=False)
     return logits, probs
 
@@ -279,7 +279,7 @@ class PromptQueryAdapter(nn.Module):
             ``[B, L, H, W]`` (nearest-neighbour distance, upsampled; training-free).
         """
         batch, num_layers, n, dim = query_tokens.shape
-        side = int(round(n**0.5))
+        side = round(int(n) ** 0.5)  # int(): shapes are tensors under ONNX tracing
         logits, maps, aligns = [], [], []
         for layer in range(num_layers):
             query = F.normalize(query_tokens[:, layer], dim=-1)

@@ -24,13 +24,14 @@ EXTRA_COMMANDS: dict[str, str] = {
     "benchmark": "zsad.benchmark:main",
     "export": "zsad.export:main",
     "demo": "zsad.demo:main",
+    "experiment": "zsad.experiment:main",
 }
 
 DESCRIPTION = (
     "zsad: CLIP-based zero-shot anomaly detection on PyTorch Lightning.\n"
     "Lightning subcommands: fit, validate, test, predict (below).\n"
     "Extra commands: zsad benchmark (parameters and images/s), zsad export (learned parameters as safetensors), "
-    "zsad demo (the embedded default end to end). Each has --help."
+    "zsad demo (the embedded default end to end), zsad experiment (a paper's table from one spec). Each has --help."
 )
 
 

@@ -72,7 +72,7 @@ def _save_state(spec: ExperimentSpec, output: Path, smoke: bool, unavailable: di
     atomic_write_text(output / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
     """``zsad experiment run``: the cells in sequence, then the table."""
     from zsad.experiment.runner import run_cells
     from zsad.experiment.table import write_table
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"records": records, "written": written, "failed": failed}
 
 
-def sweep(args: argparse.Namespace) -> dict[str, Any]:
+def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     """``zsad experiment sweep``: a W&B grid sweep whose trials each run one cell with ``run --only <cell id>``."""
     import yaml
 
@@ -149,7 +149,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": path, "cells": ids, "sweep_id": sweep_id}
 
 
-def table(args: argparse.Namespace) -> dict[str, Path]:
+def table_command(args: argparse.Namespace) -> dict[str, Path]:
     """``zsad experiment table DIR``: rebuild the table from whatever cell directories DIR holds."""
     from zsad.experiment.table import write_table
 
@@ -172,6 +172,6 @@ def main(argv: Sequence[str] | None = None) -> Any:  # noqa: ANN401
     """Entry point of ``zsad experiment``."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"run": run, "sweep": sweep, "table": table}[args.action](args)
+        return {"run": run_command, "sweep": sweep_command, "table": table_command}[args.action](args)
     except SpecError as err:
         raise SystemExit(f"zsad experiment: {err}") from None

@@ -216,7 +216,10 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"experiment spec {path} does not exist (the shipped ones are experiments/seed*.yaml).")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping.")
     for key in ("name", "metrics", "protocols", "methods"):
@@ -236,7 +239,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             pass
         elif cross and not ("source" in value and "target" in value):
             raise SpecError(f"{path}: protocol {key!r} needs both `source` and `target` (or one `dataset`).")
-        if not cross and "dataset" not in value:
+        elif not cross and "dataset" not in value:
             raise SpecError(f"{path}: protocol {key!r} needs `source` + `target` or `dataset`.")
         protocols[key] = Protocol(
             key=key,

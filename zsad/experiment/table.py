@@ -230,16 +230,24 @@ def _figure(spec: ExperimentSpec, summaries: Sequence[Summary], path: Path, smok
     width = 0.8 / len(protocols)
     for ax, method in zip(axes.flat, methods, strict=False):
         for j, protocol in enumerate(protocols):
-            heights = [by_key[(method.key, protocol, m)].mean for m in spec.metrics]
-            errors = [by_key[(method.key, protocol, m)].std or 0.0 for m in spec.metrics]
+            entries = [by_key[(method.key, protocol, m)] for m in spec.metrics]
             xs = [i + (j - (len(protocols) - 1) / 2) * width for i in range(len(spec.metrics))]
-            ax.bar(xs, [h if h is not None else 0.0 for h in heights], width, yerr=errors,
-                   label=spec.protocols[protocol].label, capsize=2)
+            bars = ax.bar(xs, [e.mean if e.mean is not None else 0.0 for e in entries], width,
+                          yerr=[e.std or 0.0 for e in entries], label=spec.protocols[protocol].label, capsize=2)
+            papers = [(x, e.paper) for x, e in zip(xs, entries, strict=True) if e.paper is not None]
+            if papers:  # the published value as a black tick over each bar
+                ax.scatter([x for x, _ in papers], [p for _, p in papers], marker="_", s=120, color="black",
+                           zorder=3, label="paper" if j == len(protocols) - 1 else None)
+            del bars
         status = by_key[(method.key, protocols[0], spec.metrics[0])].status
-        ax.set_title(method.label + ("" if status == "done" else f"\n({status[:40]})"), fontsize=9)
+        if status.startswith("not available"):
+            ax.text(0.5, 0.5, "not available", transform=ax.transAxes, ha="center", va="center", color="grey")
+            status = "not available"
+        ax.set_title(method.label + ("" if status == "done" else f" ({status})"), fontsize=9)
         ax.set_xticks(range(len(spec.metrics)))
         ax.set_xticklabels([METRIC_LABELS.get(m, m) for m in spec.metrics], rotation=45, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
+        ax.set_ylabel("%", fontsize=8)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")

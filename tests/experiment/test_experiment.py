@@ -32,15 +32,28 @@ def _grid_spec(tmp_path: Path) -> Path:
         "seeds": [1, 2],
         "metrics": ["pixel_auroc", "image_auroc"],
         "protocols": {"visa_to_mvtec": {"label": "MVTec AD", "source": "visa", "target": "mvtec"}},
-        "smoke": {"datasets": {"mvtec": {"generator": "mvtec", "domain": "a", "categories": ["alpha"], "size": 48},
-                               "visa": {"generator": "mvtec", "domain": "b", "categories": ["gamma"], "size": 48}}},
+        "smoke": {
+            "datasets": {
+                "mvtec": {"generator": "mvtec", "domain": "a", "categories": ["alpha"], "size": 48},
+                "visa": {"generator": "mvtec", "domain": "b", "categories": ["gamma"], "size": 48},
+            }
+        },
         "methods": {
-            "lv": {"label": "LV", "configs": {"visa_to_mvtec": str(LV_CONFIG)},
-                   "paper": {"visa_to_mvtec": {"pixel_auroc": 91.3}}},
-            "broken": {"label": "Broken", "configs": {"visa_to_mvtec": str(LV_CONFIG)},
-                       "overrides": ["--model.init_args.no_such_argument=1"]},
-            "missing": {"label": "Missing", "configs": {"visa_to_mvtec": str(tmp_path / "nope.yaml")},
-                        "paper": {"visa_to_mvtec": {"image_auroc": 80.0}}},
+            "lv": {
+                "label": "LV",
+                "configs": {"visa_to_mvtec": str(LV_CONFIG)},
+                "paper": {"visa_to_mvtec": {"pixel_auroc": 91.3}},
+            },
+            "broken": {
+                "label": "Broken",
+                "configs": {"visa_to_mvtec": str(LV_CONFIG)},
+                "overrides": ["--model.init_args.no_such_argument=1"],
+            },
+            "missing": {
+                "label": "Missing",
+                "configs": {"visa_to_mvtec": str(tmp_path / "nope.yaml")},
+                "paper": {"visa_to_mvtec": {"image_auroc": 80.0}},
+            },
         },
     }
     path = tmp_path / "grid.yaml"
@@ -58,9 +71,25 @@ def test_grid_resumes_after_a_kill_skips_finished_cells_and_records_failures(tmp
     second = out / "cells" / "lv" / "visa_to_mvtec" / "seed2"
     # 1. A run killed (SIGKILL: nothing gets to clean up) once its first cell has finished.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "zsad.cli", "experiment", "run", str(spec), "--smoke", "--seeds",
-                             "2", "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zsad.cli",
+            "experiment",
+            "run",
+            str(spec),
+            "--smoke",
+            "--seeds",
+            "2",
+            "--output",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         record = first / "cell.json"
@@ -79,8 +108,12 @@ def test_grid_resumes_after_a_kill_skips_finished_cells_and_records_failures(tmp
     assert _mtime(first / "results" / "metrics.json") == done_at, "a finished cell was run again"
     assert (second / "results" / "metrics.json").is_file()
     statuses = {r["id"]: r["status"] for r in result["records"]}
-    assert statuses == {"lv/visa_to_mvtec/seed1": "done", "lv/visa_to_mvtec/seed2": "done",
-                        "broken/visa_to_mvtec/seed1": "failed", "broken/visa_to_mvtec/seed2": "failed"}
+    assert statuses == {
+        "lv/visa_to_mvtec/seed1": "done",
+        "lv/visa_to_mvtec/seed2": "done",
+        "broken/visa_to_mvtec/seed1": "failed",
+        "broken/visa_to_mvtec/seed2": "failed",
+    }
     assert "no_such_argument" in (out / "cells/broken/visa_to_mvtec/seed1/error.txt").read_text()
 
     # Frozen features shared across cells: one store for the encoder configuration, each source image once.
@@ -118,29 +151,66 @@ def _write_cell(out: Path, method: str, protocol: str, seed: int, rows: list[dic
     cell = out / "cells" / method / protocol / f"seed{seed}"
     (cell / "results").mkdir(parents=True)
     (cell / "results" / "metrics.json").write_text(json.dumps(rows))
-    record = {"id": f"{method}/{protocol}/seed{seed}", "method": method, "protocol": protocol, "seed": seed,
-              "status": "done"}
+    record = {
+        "id": f"{method}/{protocol}/seed{seed}",
+        "method": method,
+        "protocol": protocol,
+        "seed": seed,
+        "status": "done",
+    }
     (cell / "cell.json").write_text(json.dumps(record))
 
 
 def test_aggregation_matches_hand_computed_means_sds_and_intervals(tmp_path: Path) -> None:
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "agg", "metrics": ["pixel_auroc", "image_auroc"], "seeds": [1, 2, 3],
-        "protocols": {"p": {"dataset": "mvtec"}},
-        "methods": {"m": {"configs": {"p": "x.yaml"}, "paper": {"p": {"pixel_auroc": 80.0}}},
-                    "one": {"configs": {"p": "x.yaml"}}},
-    }))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "agg",
+                "metrics": ["pixel_auroc", "image_auroc"],
+                "seeds": [1, 2, 3],
+                "protocols": {"p": {"dataset": "mvtec"}},
+                "methods": {
+                    "m": {"configs": {"p": "x.yaml"}, "paper": {"p": {"pixel_auroc": 80.0}}},
+                    "one": {"configs": {"p": "x.yaml"}},
+                },
+            }
+        )
+    )
     out = tmp_path / "out"
     # Three seeds, two categories each (category means 0.80, 0.84, 0.90); image AUROC undefined (null) in one
     # category of seed 1, which the category mean leaves out; the stored `mean` row is ignored (recomputed).
-    _write_cell(out, "m", "p", 1, [{"category": "a", "pixel_auroc": 0.70, "image_auroc": None},
-                                   {"category": "b", "pixel_auroc": 0.90, "image_auroc": 0.60},
-                                   {"category": "mean", "pixel_auroc": 0.0, "image_auroc": 0.0}])
-    _write_cell(out, "m", "p", 2, [{"category": "a", "pixel_auroc": 0.80, "image_auroc": 0.70},
-                                   {"category": "b", "pixel_auroc": 0.88, "image_auroc": 0.90}])
-    _write_cell(out, "m", "p", 3, [{"category": "a", "pixel_auroc": 0.85, "image_auroc": 0.75},
-                                   {"category": "b", "pixel_auroc": 0.95, "image_auroc": 0.85}])
+    _write_cell(
+        out,
+        "m",
+        "p",
+        1,
+        [
+            {"category": "a", "pixel_auroc": 0.70, "image_auroc": None},
+            {"category": "b", "pixel_auroc": 0.90, "image_auroc": 0.60},
+            {"category": "mean", "pixel_auroc": 0.0, "image_auroc": 0.0},
+        ],
+    )
+    _write_cell(
+        out,
+        "m",
+        "p",
+        2,
+        [
+            {"category": "a", "pixel_auroc": 0.80, "image_auroc": 0.70},
+            {"category": "b", "pixel_auroc": 0.88, "image_auroc": 0.90},
+        ],
+    )
+    _write_cell(
+        out,
+        "m",
+        "p",
+        3,
+        [
+            {"category": "a", "pixel_auroc": 0.85, "image_auroc": 0.75},
+            {"category": "b", "pixel_auroc": 0.95, "image_auroc": 0.85},
+        ],
+    )
     _write_cell(out, "one", "p", 1, [{"category": "a", "pixel_auroc": 0.5, "image_auroc": 0.5}])
     write_table(load_spec(spec_path), out, smoke=False, unavailable={})
     entries = {(e["method"], e["metric"]): e for e in json.loads((out / "table.json").read_text())["entries"]}
@@ -167,15 +237,21 @@ def test_aggregation_matches_hand_computed_means_sds_and_intervals(tmp_path: Pat
     assert rows[0] == "method,protocol,metric,n,mean,std,ci_low,ci_high,paper,diff,status"
 
 
-def test_sweep_lists_every_cell_and_needs_no_server(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_lists_every_cell_and_needs_no_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     spec_path = ROOT / "experiments" / "seed000_table1.yaml"
     result = main(["sweep", str(spec_path), "--output", str(tmp_path), "--seeds", "2", "--create"])
     sweep = yaml.safe_load(result["path"].read_text())
     spec = load_spec(spec_path)
-    expected = [f"{m}/{p}/seed{s}" for m in spec.methods if not spec.availability(spec.methods[m])
-                for p in spec.protocols for s in (111, 222)]
+    expected = [
+        f"{m}/{p}/seed{s}"
+        for m in spec.methods
+        if not spec.availability(spec.methods[m])
+        for p in spec.protocols
+        for s in (111, 222)
+    ]
     assert sweep["method"] == "grid" and sweep["parameters"]["only"]["values"] == expected
     assert "learnable_vectors/visa_to_mvtec/seed222" in expected
     assert sweep["command"][:5] == ["${env}", "zsad", "experiment", "run", str(spec_path)]
@@ -201,8 +277,10 @@ def test_smallest_shipped_spec_end_to_end(tmp_path: Path) -> None:
     main(["run", str(ROOT / "experiments" / "seed000_table2.yaml"), "--smoke", "--output", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     assert "SMOKE RUN" in table
-    assert "| method | ViT-L/14@336, 518 px trainable | ViT-L/14@336, 518 px total | ViT-L/14@336, 518 px images/s |" \
+    assert (
+        "| method | ViT-L/14@336, 518 px trainable | ViT-L/14@336, 518 px total | ViT-L/14@336, 518 px images/s |"
         in table
+    )
     for label in ("APRIL-GAN", "AnomalyCLIP", "AdaCLIP", "Learnable vectors (proposed)"):
         assert any(line.startswith(f"| {label}") for line in table.splitlines()), label
     entries = json.loads((tmp_path / "table.json").read_text())["entries"]

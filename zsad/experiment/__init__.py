@@ -33,19 +33,39 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for p in (run, sweep):
         p.add_argument("spec", help="Experiment spec (experiments/seed*.yaml).")
         p.add_argument("--output", default=None, help="Output folder (default runs/experiments/<name>[_smoke]).")
-        p.add_argument("--smoke", action="store_true",
-                       help="Tiny random CLIP, generated data, one epoch: the plumbing in minutes; numbers meaningless.")
-        p.add_argument("--seeds", type=int, default=None,
-                       help="Number of seeds (the spec's first N, continued consecutively; default: all listed, "
-                       "1 with --smoke).")
-        p.add_argument("--wandb", default=None, metavar="PROJECT",
-                       help="Log every cell to this W&B project (group = experiment name) and the table as a W&B Table.")
-    run.add_argument("--only", default=None, metavar="PATTERN",
-                     help="Run only cells whose id (<method>/<protocol>/seed<N>) matches these comma-separated globs.")
-    run.add_argument("--isolate", action="store_true",
-                     help="Run each cell in its own `python -m zsad.cli` process (crash/OOM isolation; GPU grids).")
-    sweep.add_argument("--create", action="store_true",
-                       help="Also register the sweep with the W&B server (needs network and an API key).")
+        p.add_argument(
+            "--smoke",
+            action="store_true",
+            help="Tiny random CLIP, generated data, one epoch: the plumbing in minutes; numbers meaningless.",
+        )
+        p.add_argument(
+            "--seeds",
+            type=int,
+            default=None,
+            help="Number of seeds (the spec's first N, continued consecutively; default: all listed, 1 with --smoke).",
+        )
+        p.add_argument(
+            "--wandb",
+            default=None,
+            metavar="PROJECT",
+            help="Log every cell to this W&B project (group = experiment name) and the table as a W&B Table.",
+        )
+    run.add_argument(
+        "--only",
+        default=None,
+        metavar="PATTERN",
+        help="Run only cells whose id (<method>/<protocol>/seed<N>) matches these comma-separated globs.",
+    )
+    run.add_argument(
+        "--isolate",
+        action="store_true",
+        help="Run each cell in its own `python -m zsad.cli` process (crash/OOM isolation; GPU grids).",
+    )
+    sweep.add_argument(
+        "--create",
+        action="store_true",
+        help="Also register the sweep with the W&B server (needs network and an API key).",
+    )
     table = sub.add_parser("table", help="Rebuild table.{md,csv,json,png} from the cell directories under DIR.")
     table.add_argument("directory", help="An experiment output folder (cells/ copied together from any machines).")
     table.add_argument("--spec", default=None, help="Spec file (default: the copy the run saved in DIR).")
@@ -84,12 +104,17 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         print(f"zsad experiment: {spec.methods[key].label}: not available ({reason}); kept as a row.")  # noqa: T201
     cells = spec.cells(_seeds(spec, args), args.only)
     if args.only and not cells:
-        raise SystemExit(f"zsad experiment: --only {args.only!r} matches no cell of {spec.path}; cell ids: "
-                         f"{', '.join(spec.all_cell_ids(_seeds(spec, args))) or 'none'}.")
+        raise SystemExit(
+            f"zsad experiment: --only {args.only!r} matches no cell of {spec.path}; cell ids: "
+            f"{', '.join(spec.all_cell_ids(_seeds(spec, args))) or 'none'}."
+        )
     output.mkdir(parents=True, exist_ok=True)
     _save_state(spec, output, args.smoke, unavailable)
-    print(f"zsad experiment: {len(cells)} cells of {spec.name} -> {output}/cells"  # noqa: T201
-          + (" (SMOKE: tiny random CLIP, generated data, 1 epoch)" if args.smoke else ""), flush=True)
+    print(
+        f"zsad experiment: {len(cells)} cells of {spec.name} -> {output}/cells"  # noqa: T201
+        + (" (SMOKE: tiny random CLIP, generated data, 1 epoch)" if args.smoke else ""),
+        flush=True,
+    )
     records = run_cells(spec, cells, output, smoke=args.smoke, isolate=args.isolate, wandb_project=args.wandb)
     written = write_table(spec, output, args.smoke, unavailable, args.wandb)
     failed = [r["id"] for r in records if r.get("status") == "failed"]
@@ -109,8 +134,17 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     ids = spec.all_cell_ids(seeds)
     if not ids:
         raise SystemExit(f"zsad experiment sweep: {spec.path} has no available method, so no cell to sweep.")
-    command = ["${env}", "zsad", "experiment", "run", str(args.spec), "--output", str(output),
-               "--seeds", str(len(seeds))]
+    command = [
+        "${env}",
+        "zsad",
+        "experiment",
+        "run",
+        str(args.spec),
+        "--output",
+        str(output),
+        "--seeds",
+        str(len(seeds)),
+    ]
     if args.smoke:
         command.append("--smoke")
     project = args.wandb or "zsad"
@@ -124,8 +158,10 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     }
     output.mkdir(parents=True, exist_ok=True)
     path = output / "sweep.yaml"
-    header = (f"# W&B grid sweep over the {len(ids)} cells of {spec.name} (written by zsad experiment sweep).\n"
-              "# Each trial runs `zsad experiment run <spec> --only=<cell id>` into the same output layout.\n")
+    header = (
+        f"# W&B grid sweep over the {len(ids)} cells of {spec.name} (written by zsad experiment sweep).\n"
+        "# Each trial runs `zsad experiment run <spec> --only=<cell id>` into the same output layout.\n"
+    )
     atomic_write_text(path, header + yaml.safe_dump(config, sort_keys=False))
     _save_state(spec, output, args.smoke, _unavailable(spec))
     print(f"zsad experiment sweep: {len(ids)} cells -> {path}")  # noqa: T201
@@ -141,9 +177,12 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
             sweep_id = wandb.sweep(config, project=project)
     print(  # noqa: T201
         "To run it on any number of GPU machines (each with this repository, the weights and the datasets):\n"
-        + (f"  wandb agent <entity>/{project}/{sweep_id}\n" if sweep_id else
-           f"  wandb sweep --project {project} {path}      # prints the sweep id\n"
-           f"  wandb agent <entity>/{project}/<sweep id>     # on each machine\n")
+        + (
+            f"  wandb agent <entity>/{project}/{sweep_id}\n"
+            if sweep_id
+            else f"  wandb sweep --project {project} {path}      # prints the sweep id\n"
+            f"  wandb agent <entity>/{project}/<sweep id>     # on each machine\n"
+        )
         + f"Then copy every machine's {output}/cells/ into one folder and run: zsad experiment table <folder>"
     )
     return {"path": path, "cells": ids, "sweep_id": sweep_id}

@@ -1,6 +1,8 @@
 """Experiment specs: which methods, protocols, seeds and metrics make a table, and the grid of cells they span.
 
-A spec is a YAML file (see ``experiments/seed000_table1.yaml``)::
+A spec is a YAML file (see ``experiments/seed000_table1.yaml``):
+
+.. code-block:: yaml
 
     name: seed000_table1                 # W&B group and default output folder
     title: Seed 000, Table 1 ...
@@ -263,7 +265,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             raise SpecError(f"{path}: methods.{key}.configs must map protocol → config file.")
         unknown = (set(configs) | set(value.get("paper", {}) or {})) - set(protocols)
         if unknown:
-            raise SpecError(f"{path}: methods.{key} names unknown protocols {sorted(unknown)}; known: {list(protocols)}.")
+            raise SpecError(
+                f"{path}: methods.{key} names unknown protocols {sorted(unknown)}; known: {list(protocols)}."
+            )
         methods[key] = MethodSpec(
             key=key,
             label=str(value.get("label", key)),

@@ -86,8 +86,9 @@ def collect_cells(directory: Path) -> list[dict[str, Any]]:
         record = json.loads(record_path.read_text())
         metrics_path = record_path.parent / "results" / "metrics.json"
         record["dir"] = str(record_path.parent)
-        record["rows"] = json.loads(metrics_path.read_text()) if record.get("status") == "done" and \
-            metrics_path.is_file() else None
+        record["rows"] = (
+            json.loads(metrics_path.read_text()) if record.get("status") == "done" and metrics_path.is_file() else None
+        )
         cells.append(record)
     return cells
 
@@ -96,9 +97,7 @@ def _scale(spec: ExperimentSpec, metric: str) -> float:
     return 1.0 if spec.kind == "benchmark" else 100.0  # metrics.json holds fractions; the papers print %
 
 
-def build_table(
-    spec: ExperimentSpec, cells: Sequence[dict[str, Any]], unavailable: dict[str, str]
-) -> list[Summary]:
+def build_table(spec: ExperimentSpec, cells: Sequence[dict[str, Any]], unavailable: dict[str, str]) -> list[Summary]:
     """One :class:`Summary` per method, protocol and metric (spec order), from the collected cell records."""
     summaries = []
     for method in spec.methods.values():
@@ -117,13 +116,16 @@ def build_table(
             else:
                 status = "done"
             for metric in spec.metrics:
-                values = [category_mean(c["rows"], metric) * _scale(spec, metric) for c in sorted(
-                    done, key=lambda c: c["seed"])]
+                values = [
+                    category_mean(c["rows"], metric) * _scale(spec, metric)
+                    for c in sorted(done, key=lambda c: c["seed"])
+                ]
                 n, mean, std, low, high = seed_summary(values)
                 paper = method.paper.get(protocol, {}).get(metric)
                 diff = None if paper is None or mean is None else mean - paper
-                summaries.append(Summary(method.key, protocol, metric, n, mean, std, low, high, paper, diff,
-                                         values, status))
+                summaries.append(
+                    Summary(method.key, protocol, metric, n, mean, std, low, high, paper, diff, values, status)
+                )
     return summaries
 
 
@@ -154,8 +156,9 @@ def _entry(s: Summary, spec: ExperimentSpec) -> str:
     return text
 
 
-def format_markdown(spec: ExperimentSpec, summaries: Sequence[Summary], smoke: bool,
-                    cells: Sequence[dict[str, Any]]) -> str:
+def format_markdown(
+    spec: ExperimentSpec, summaries: Sequence[Summary], smoke: bool, cells: Sequence[dict[str, Any]]
+) -> str:
     """``table.md``: a row per method, a column per protocol and metric, then intervals and cell status."""
     unit = "raw counts and images/s" if spec.kind == "benchmark" else "%"
     lines = [f"# {spec.title}", ""]
@@ -168,25 +171,36 @@ def format_markdown(spec: ExperimentSpec, summaries: Sequence[Summary], smoke: b
         "",
     ]
     by_key = {(s.method, s.protocol, s.metric): s for s in summaries}
-    header = ["method"] + [f"{spec.protocols[p].label} {METRIC_LABELS.get(m, m)}" for p in spec.protocols
-                           for m in spec.metrics]
+    header = ["method"] + [
+        f"{spec.protocols[p].label} {METRIC_LABELS.get(m, m)}" for p in spec.protocols for m in spec.metrics
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in spec.methods.values():
         first = by_key[(method.key, next(iter(spec.protocols)), spec.metrics[0])]
         label = method.label + (" — not available" if first.status.startswith("not available") else "")
         row = [label] + [_entry(by_key[(method.key, p, m)], spec) for p in spec.protocols for m in spec.metrics]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## 95 % confidence intervals (Student t, n − 1 degrees of freedom)", "",
-              "| method | protocol | metric | n | mean | sd | 95 % CI | paper | ours − paper |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## 95 % confidence intervals (Student t, n − 1 degrees of freedom)",
+        "",
+        "| method | protocol | metric | n | mean | sd | 95 % CI | paper | ours − paper |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         if s.mean is None:
             continue
-        interval = "n = 1: no interval" if s.n == 1 else f"[{_fmt(s.ci_low, spec, s.metric)}, " \
-            f"{_fmt(s.ci_high, spec, s.metric)}]"
-        lines.append(f"| {spec.methods[s.method].label} | {spec.protocols[s.protocol].label} | "
-                     f"{METRIC_LABELS.get(s.metric, s.metric)} | {s.n} | {_fmt(s.mean, spec, s.metric)} | "
-                     f"{_fmt(s.std, spec, s.metric)} | {interval} | {_fmt(s.paper, spec, s.metric)} | "
-                     f"{_fmt(s.diff, spec, s.metric, signed=True)} |")
+        interval = (
+            "n = 1: no interval"
+            if s.n == 1
+            else f"[{_fmt(s.ci_low, spec, s.metric)}, {_fmt(s.ci_high, spec, s.metric)}]"
+        )
+        lines.append(
+            f"| {spec.methods[s.method].label} | {spec.protocols[s.protocol].label} | "
+            f"{METRIC_LABELS.get(s.metric, s.metric)} | {s.n} | {_fmt(s.mean, spec, s.metric)} | "
+            f"{_fmt(s.std, spec, s.metric)} | {interval} | {_fmt(s.paper, spec, s.metric)} | "
+            f"{_fmt(s.diff, spec, s.metric, signed=True)} |"
+        )
     lines += ["", "## Rows and cells", ""]
     for method in spec.methods.values():
         statuses = sorted({by_key[(method.key, p, spec.metrics[0])].status for p in spec.protocols})
@@ -194,8 +208,9 @@ def format_markdown(spec: ExperimentSpec, summaries: Sequence[Summary], smoke: b
         lines.append(f"- **{method.label}**: {'; '.join(statuses)}.{note}")
     failed = [c for c in cells if c.get("status") == "failed"]
     for cell in failed:
-        lines.append(f"- FAILED cell `{cell['id']}`: {cell.get('error', '')[:200]} (traceback: "
-                     f"`cells/{cell['id']}/error.txt`)")
+        lines.append(
+            f"- FAILED cell `{cell['id']}`: {cell.get('error', '')[:200]} (traceback: `cells/{cell['id']}/error.txt`)"
+        )
     lines += [f"- {note}" for note in spec.notes]
     return "\n".join(lines) + "\n"
 
@@ -207,8 +222,9 @@ def _csv(summaries: Sequence[Summary]) -> str:
     writer.writerow(fields)
     for s in summaries:
         row = asdict(s)
-        writer.writerow(["" if row[f] is None else (repr(row[f]) if isinstance(row[f], float) else row[f])
-                         for f in fields])
+        writer.writerow(
+            ["" if row[f] is None else (repr(row[f]) if isinstance(row[f], float) else row[f]) for f in fields]
+        )
     return buffer.getvalue()
 
 
@@ -232,12 +248,25 @@ def _figure(spec: ExperimentSpec, summaries: Sequence[Summary], path: Path, smok
         for j, protocol in enumerate(protocols):
             entries = [by_key[(method.key, protocol, m)] for m in spec.metrics]
             xs = [i + (j - (len(protocols) - 1) / 2) * width for i in range(len(spec.metrics))]
-            bars = ax.bar(xs, [e.mean if e.mean is not None else 0.0 for e in entries], width,
-                          yerr=[e.std or 0.0 for e in entries], label=spec.protocols[protocol].label, capsize=2)
+            bars = ax.bar(
+                xs,
+                [e.mean if e.mean is not None else 0.0 for e in entries],
+                width,
+                yerr=[e.std or 0.0 for e in entries],
+                label=spec.protocols[protocol].label,
+                capsize=2,
+            )
             papers = [(x, e.paper) for x, e in zip(xs, entries, strict=True) if e.paper is not None]
             if papers:  # the published value as a black tick over each bar
-                ax.scatter([x for x, _ in papers], [p for _, p in papers], marker="_", s=120, color="black",
-                           zorder=3, label="paper" if j == len(protocols) - 1 else None)
+                ax.scatter(
+                    [x for x, _ in papers],
+                    [p for _, p in papers],
+                    marker="_",
+                    s=120,
+                    color="black",
+                    zorder=3,
+                    label="paper" if j == len(protocols) - 1 else None,
+                )
             del bars
         status = by_key[(method.key, protocols[0], spec.metrics[0])].status
         if status.startswith("not available"):
@@ -249,7 +278,7 @@ def _figure(spec: ExperimentSpec, summaries: Sequence[Summary], path: Path, smok
         ax.set_ylim(0, 100)
         ax.set_ylabel("%", fontsize=8)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     fig.suptitle(spec.title + (" — SMOKE RUN, numbers meaningless" if smoke else ""), fontsize=10)
     fig.tight_layout()
@@ -274,9 +303,12 @@ def write_table(
     atomic_write_text(written["md"], format_markdown(spec, summaries, smoke, cells))
     atomic_write_text(written["csv"], _csv(summaries))
     payload = {
-        "experiment": spec.name, "title": spec.title, "smoke": smoke,
+        "experiment": spec.name,
+        "title": spec.title,
+        "smoke": smoke,
         "unit": "raw" if spec.kind == "benchmark" else "percent",
-        "metrics": spec.metrics, "protocols": list(spec.protocols),
+        "metrics": spec.metrics,
+        "protocols": list(spec.protocols),
         "entries": [_clean(asdict(s)) for s in summaries],
         "cells": [{k: c.get(k) for k in ("id", "status", "error")} for c in cells],
     }
@@ -304,8 +336,14 @@ def _log_wandb(spec: ExperimentSpec, summaries: Sequence[Summary], project: str,
     """The table as a W&B Table in the experiment's group (a no-op with ``WANDB_MODE=disabled``)."""
     import wandb
 
-    run = wandb.init(project=project, group=spec.name, job_type="table", name=f"{spec.name}-table",
-                     config={"smoke": smoke, "spec": spec.path.name}, reinit="finish_previous")
+    run = wandb.init(
+        project=project,
+        group=spec.name,
+        job_type="table",
+        name=f"{spec.name}-table",
+        config={"smoke": smoke, "spec": spec.path.name},
+        reinit="finish_previous",
+    )
     columns = ["method", "protocol", "metric", "n", "mean", "std", "ci_low", "ci_high", "paper", "diff", "status"]
     table = wandb.Table(columns=columns, data=[[getattr(s, c) for c in columns] for s in summaries])
     run.log({f"{spec.name}/table": table})

@@ -297,3 +297,23 @@ def test_bad_spec_names_the_file_and_the_field(tmp_path: Path) -> None:
         main(["run", str(path)])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["run", str(tmp_path / "absent.yaml")])
+
+
+def test_per_category_runs_merge_into_one_results_table(tmp_path: Path) -> None:
+    """One-class models run once per category; the cell's metrics.json holds every category and their mean."""
+    from zsad.experiment.runner import _merge_categories
+
+    for category, values in (("alpha", (0.9, None)), ("beta", (0.7, 0.5))):
+        folder = tmp_path / "categories" / category / "results"
+        folder.mkdir(parents=True)
+        rows = [
+            {"category": category, "image_auroc": values[0], "pixel_aupro": values[1]},
+            {"category": "mean", "image_auroc": values[0], "pixel_aupro": values[1]},
+        ]
+        (folder / "metrics.json").write_text(json.dumps(rows))
+    _merge_categories(tmp_path, ["alpha", "beta"])
+    rows = {r["category"]: r for r in json.loads((tmp_path / "results" / "metrics.json").read_text())}
+    assert set(rows) == {"alpha", "beta", "mean"}
+    assert rows["mean"]["image_auroc"] == pytest.approx(0.8)
+    assert rows["mean"]["pixel_aupro"] == pytest.approx(0.5)  # undefined in alpha: left out, as the evaluator does
+    assert rows["alpha"]["pixel_aupro"] is None

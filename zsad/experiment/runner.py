@@ -47,6 +47,7 @@ SMOKE_TRAINER = (
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",
     "--trainer.precision=32-true",

@@ -153,10 +153,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def _load_image(path: str, height: int, width: int) -> np.ndarray:
-    from PIL import Image
+    # The datasets' own reader, so the picture under the map is oriented (EXIF) and scaled exactly like the input.
+    from zsad.data.files import read_image
 
-    with Image.open(path) as img:
-        return _resize_image(np.asarray(img.convert("RGB")), height, width)
+    rgb = read_image(path).permute(1, 2, 0).numpy()
+    return _resize_image((rgb * 255.0 + 0.5).astype(np.uint8), height, width)
 
 
 def sample_name(image_path: str | None, index: int) -> str:

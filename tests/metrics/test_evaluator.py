@@ -218,3 +218,20 @@ def test_native_resolution_reads_masks_from_disk_and_resizes_the_maps(tmp_path: 
     assert metrics["pixel_auroc"] > 0.99 and metrics["pixel_aupro"] > 0.95
     with pytest.raises(ValueError, match="resolution"):
         ZSADEvaluator(resolution="original")
+
+
+def test_category_without_normal_images_reports_nan_not_a_perfect_ap(caplog: pytest.LogCaptureFixture) -> None:
+    dataset = ToyDataset(25)
+    items = [dataset[i] for i in range(25)]
+    # bottle keeps only its anomalous images: AP and F1-max would be 1.0 for any scores, AUROC undefined.
+    keep = [i for i, item in enumerate(items) if item.category != "bottle" or int(item.gt_label) == 1]
+    assert any(items[i].category == "bottle" for i in keep)
+    state = PerCategoryMetrics()
+    state.update(toy_batch(keep))
+    with caplog.at_level("WARNING"):
+        out = state.compute()
+    for metric in ("image_auroc", "image_ap", "image_f1max"):
+        assert math.isnan(out["metrics"]["bottle"][metric])
+        assert not math.isnan(out["metrics"]["cable"][metric])
+    assert not math.isnan(out["metrics"]["bottle"]["pixel_auroc"])  # normal pixels exist inside defect images
+    assert "bottle: no normal (test/good/) test images" in caplog.text

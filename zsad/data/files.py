@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pandas import DataFrame
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 from torchvision.tv_tensors import Image, Mask
 
 from zsad.data.errors import BadImageError, Problem, format_problems
@@ -43,6 +43,26 @@ ASPECT_TOLERANCE = 0.02
 _JPEG_FULL_DECODE_BYTES = 16_384
 _JPEG_TAIL_BYTES = 4_096
 _PNG_TAIL_BYTES = 64
+
+# EXIF Orientation tag and the values (5-8) whose transform swaps width and height (a phone photo taken upright is
+# stored landscape with Orientation=6 and shown portrait by every viewer).
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _oriented(image: PILImage.Image) -> PILImage.Image:
+    """The image as viewers show it: its EXIF orientation applied (a no-op without the tag)."""
+    return ImageOps.exif_transpose(image)
+
+
+def _oriented_size(image: PILImage.Image) -> tuple[int, int]:
+    """``(H, W)`` after the EXIF orientation, from the header only."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError):  # a damaged EXIF block is ignored, as viewers do
+        orientation = 1
+    return (width, height) if orientation in _TRANSPOSED_ORIENTATIONS else (height, width)
 
 
 def _open_error(path: Path | str, err: Exception) -> BadImageError:
@@ -73,7 +93,9 @@ def _rgb_array(image: PILImage.Image) -> np.ndarray:
 def read_image(path: str | Path) -> Image:
     """Read an image as RGB float32 ``[3, H, W]`` in ``[0, 1]``.
 
-    Grey, palette and RGBA images are converted to RGB (alpha dropped), 16-bit images scaled by 1/65535.
+    The EXIF orientation is applied (a phone JPEG tagged Orientation=6 comes out upright, as viewers show it, so
+    its mask — drawn on the upright picture — lines up). Grey, palette and RGBA images are converted to RGB (alpha
+    dropped), 16-bit images scaled by 1/65535.
 
     Args:
         path: Image file.
@@ -87,7 +109,7 @@ def read_image(path: str | Path) -> Image:
     try:
         with PILImage.open(path) as image:
             image.load()
-            array = _rgb_array(image)
+            array = _rgb_array(_oriented(image))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise _open_error(path, err) from err
     return Image(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
@@ -138,8 +160,8 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: 
     """Read and binarise a ground-truth mask.
 
     Args:
-        path: Mask file (any supported mode; 8-bit, 16-bit, palette or colour).
-        size: ``(H, W)`` of the image the mask belongs to; a mask of another size is resized nearest to it.
+        path: Mask file (any supported mode; 8-bit, 16-bit, palette or colour); an EXIF orientation is applied.
+        size: ``(H, W)`` of the (oriented) image the mask belongs to; a mask of another size is resized nearest.
         threshold: See :func:`binarize_mask`.
 
     Returns:
@@ -151,7 +173,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: 
     try:
         with PILImage.open(path) as image:
             image.load()
-            values = _mask_values(image)
+            values = _mask_values(_oriented(image))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise _open_error(path, err) from err
     binary = binarize_mask(values, threshold)
@@ -161,15 +183,14 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: 
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file from its header (no decoding)."""
+    """``(H, W)`` of an image file as shown (EXIF orientation applied), from its header (no decoding)."""
     with PILImage.open(path) as image:
-        width, height = image.size
-    return height, width
+        return _oriented_size(image)
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Header facts about one image file, or the reason it is unusable."""
+    """Header facts about one image file (``size`` = ``(H, W)`` after the EXIF orientation), or why it is unusable."""
 
     size: tuple[int, int] | None = None
     mode: str | None = None
@@ -205,7 +226,7 @@ def probe_image(path: str | Path) -> Probe:
         return Probe(problem="is empty (0 bytes).")
     try:
         with PILImage.open(path) as image:
-            width, height = image.size
+            height, width = _oriented_size(image)
             mode, fmt = image.mode, image.format
             if fmt == "JPEG" and n_bytes < _JPEG_FULL_DECODE_BYTES:
                 image.load()
@@ -291,7 +312,7 @@ def check_samples(samples: DataFrame, description: str, threshold: int | None = 
         try:
             with PILImage.open(mask_path) as image:
                 image.load()
-                values = _mask_values(image)
+                values = _mask_values(_oriented(image))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             problems.append(Problem(mask_path, f"cannot be decoded ({err}).", "re-export the mask as a lossless PNG."))
             continue

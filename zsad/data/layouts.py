@@ -31,6 +31,7 @@ from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_CATEGORIES
 from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
 from anomalib.data.datasets.image.visa import CATEGORIES as VISA_CATEGORIES
 from anomalib.data.errors import MisMatchError
+from anomalib.data.utils.path import contains_non_printable_characters
 from pandas import DataFrame
 
 from zsad.data.errors import DatasetLayoutError, DatasetNotFoundError, Problem, format_problems
@@ -337,6 +338,28 @@ def _find_mask(image: Path, mask_dir: Path, extensions: tuple[str, ...]) -> Path
     return None
 
 
+def _check_shared_stems(files: list[Path], walk: _Walk) -> None:
+    """Report defect images whose names differ only in the suffix (``000.png`` + ``000.jpg``).
+
+    Masks are found by stem (``000_mask.png``), so two such images would share one mask — anomalib's positional
+    pairing then fails with a bare pandas length error.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for image in files:
+        by_stem.setdefault(image.stem, []).append(image)
+    for stem, images in by_stem.items():
+        if len(images) > 1:
+            names = ", ".join(image.name for image in images)
+            walk.problems.append(
+                Problem(
+                    images[0].parent,
+                    f"holds {names}: images with the same name {stem!r} and different suffixes would share the mask "
+                    f"{stem}_mask.png.",
+                    "rename or delete all but one of them (and give each image its own mask).",
+                )
+            )
+
+
 def _walk_category(spec: DatasetSpec, category_dir: Path) -> _Walk:
     walk = _Walk()
     for split in SPLITS:
@@ -374,6 +397,7 @@ def _walk_category(spec: DatasetSpec, category_dir: Path) -> _Walk:
             walk.images[split] += files
             if split == "test" and label_dir.name != GOOD:
                 mask_dir = category_dir / GROUND_TRUTH / label_dir.name
+                _check_shared_stems(files, walk)
                 for image in files:
                     mask = _find_mask(image, mask_dir, spec.extensions)
                     if mask is None:
@@ -474,8 +498,41 @@ def scan_category(spec: DatasetSpec, root: str | Path, category: str) -> DataFra
             f"{spec.describe()}"
         )
         raise DatasetLayoutError(msg)
+    if contains_non_printable_characters(resolved):
+        # anomalib's parser refuses any path outside printable ASCII (validate_path), e.g. Gogan's native category
+        # names 布積み / 谷積み or an accented user folder. The walk above already paired every file, so the table is
+        # built from it, in the parser's own format and order.
+        samples = _samples_from_walk(resolved, walk)
+    else:
+        samples = _parse_with_anomalib(resolved, folder, spec)
+    samples = samples[samples.split.isin(SPLITS)].reset_index(drop=True)
+    _cross_check(samples, walk, folder)
+    samples["category"] = category
+    samples.attrs["task"] = "segmentation"
+    return samples
+
+
+def _samples_from_walk(resolved: Path, walk: _Walk) -> DataFrame:
+    """The table of anomalib's parser (same columns, sorted by ``image_path``) from a checked category walk."""
+    rows = [
+        {
+            "path": str(resolved),
+            "split": split,
+            "label": image.parent.name,
+            "image_path": str(image),
+            "label_index": int(image.parent.name != GOOD),
+            "mask_path": str(walk.masks[image]) if image in walk.masks else None,
+        }
+        for split, images in walk.images.items()
+        for image in images
+    ]
+    samples = DataFrame(rows, columns=["path", "split", "label", "image_path", "label_index", "mask_path"])
+    return samples.sort_values(by="image_path", ignore_index=True)
+
+
+def _parse_with_anomalib(resolved: Path, folder: Path, spec: DatasetSpec) -> DataFrame:
     try:
-        samples = make_mvtec_ad_dataset(resolved, split=None, extensions=spec.extensions)
+        return make_mvtec_ad_dataset(resolved, split=None, extensions=spec.extensions)
     except MisMatchError as err:
         msg = (
             f"anomalib could not pair images and masks in {folder}: {err} anomalib pairs them by sorted file name, "
@@ -483,11 +540,6 @@ def scan_category(spec: DatasetSpec, root: str | Path, category: str) -> DataFra
             "the file names (001.png, 010.png) of images and masks."
         )
         raise DatasetLayoutError(msg) from err
-    samples = samples[samples.split.isin(SPLITS)].reset_index(drop=True)
-    _cross_check(samples, walk, folder)
-    samples["category"] = category
-    samples.attrs["task"] = "segmentation"
-    return samples
 
 
 def _cross_check(samples: DataFrame, walk: _Walk, folder: Path) -> None:

@@ -342,6 +342,19 @@ class PerCategoryMetrics(TypedListStatesMixin):
             return
         if usable.sum() < selected.sum():
             logger.warning("%s: %d images without pred_score left out of image metrics", category, selected.sum())
+        n_anomalous = int(labels[usable].sum())
+        if n_anomalous in (0, int(usable.sum())):
+            # One class only: AUROC is undefined, and AP / F1-max would read 100 for *any* scores when every image is
+            # anomalous — a perfect-looking number that measures nothing. All three are reported as NaN instead.
+            missing = "normal (test/good/)" if n_anomalous else "anomalous (test/<defect>/)"
+            logger.warning(
+                "%s: no %s test images, so image AUROC/AP/F1-max are undefined and reported as NaN. Fix: add such "
+                "images to the category's test split, or leave the category out.",
+                category,
+                missing,
+            )
+            row.update(dict.fromkeys(F.IMAGE_METRICS, math.nan))
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", F.UndefinedMetricWarning)  # NaN is reported in the table instead
             sorted_scores = F.SortedScores.from_arrays(scores[usable], labels[usable])

@@ -169,6 +169,7 @@ def test_aggregation_matches_hand_computed_means_sds_and_intervals(tmp_path: Pat
                 "name": "agg",
                 "metrics": ["pixel_auroc", "image_auroc"],
                 "seeds": [1, 2, 3],
+                "figure": {"protocols": ["p"]},
                 "protocols": {"p": {"dataset": "mvtec"}},
                 "methods": {
                     "m": {"configs": {"p": "x.yaml"}, "paper": {"p": {"pixel_auroc": 80.0}}},
@@ -233,6 +234,7 @@ def test_aggregation_matches_hand_computed_means_sds_and_intervals(tmp_path: Pat
     assert "84.7 ± 5.0 (n=3) · paper 80.0 (+4.7)" in table
     assert f"[{mean - half:.1f}, {mean + half:.1f}]" in table and "n = 1: no interval" in table
     assert "SMOKE" not in table
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure (seed 003's Figure 1 style)
     rows = (out / "table.csv").read_text().splitlines()
     assert rows[0] == "method,protocol,metric,n,mean,std,ci_low,ci_high,paper,diff,status"
 
@@ -255,6 +257,7 @@ def test_sweep_lists_every_cell_and_needs_no_server(
     assert sweep["method"] == "grid" and sweep["parameters"]["only"]["values"] == expected
     assert "learnable_vectors/visa_to_mvtec/seed222" in expected
     assert sweep["command"][:5] == ["${env}", "zsad", "experiment", "run", str(spec_path)]
+    assert sweep["command"][sweep["command"].index("--output") + 1] == str(tmp_path)
     assert sweep["command"][-1] == "${args}" and "--wandb" in sweep["command"]
     printed = capsys.readouterr().out
     assert "wandb agent" in printed and "zsad experiment table" in printed and "not registering" in printed

@@ -134,6 +134,8 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
     ids = spec.all_cell_ids(seeds)
     if not ids:
         raise SystemExit(f"zsad experiment sweep: {spec.path} has no available method, so no cell to sweep.")
+    # The output as given (relative to the repository root where the agents run), not this machine's absolute path.
+    agent_output = args.output or f"runs/experiments/{spec.name}{'_smoke' if args.smoke else ''}"
     command = [
         "${env}",
         "zsad",
@@ -141,7 +143,7 @@ def sweep_command(args: argparse.Namespace) -> dict[str, Any]:
         "run",
         str(args.spec),
         "--output",
-        str(output),
+        agent_output,
         "--seeds",
         str(len(seeds)),
     ]

@@ -330,7 +330,27 @@ def run_cells(
     if smoke and spec.kind == "metrics":
         make_smoke_data(spec, smoke_root, [n for c in cells for n in smoke_datasets(c) if n])
     env = {**os.environ, "WANDB_RUN_GROUP": spec.name}  # every cell's W&B run lands in the experiment's group
+    previous_group = os.environ.get("WANDB_RUN_GROUP")
     os.environ["WANDB_RUN_GROUP"] = spec.name
+    try:
+        return _run_all(spec, cells, output, smoke, isolate, wandb_project, smoke_root, env)
+    finally:  # in-process cells only: leave the caller's environment as it was
+        if previous_group is None:
+            os.environ.pop("WANDB_RUN_GROUP", None)
+        else:
+            os.environ["WANDB_RUN_GROUP"] = previous_group
+
+
+def _run_all(
+    spec: ExperimentSpec,
+    cells: Sequence[Cell],
+    output: Path,
+    smoke: bool,
+    isolate: bool,
+    wandb_project: str | None,
+    smoke_root: Path,
+    env: dict[str, str],
+) -> list[CellResult]:
     records = []
     for index, cell in enumerate(cells, 1):
         directory = cell_dir(output, cell)

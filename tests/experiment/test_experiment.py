@@ -298,6 +298,12 @@ def test_bad_spec_names_the_file_and_the_field(tmp_path: Path) -> None:
     path.write_text("name: x\nmetrics: [pixel_auroc]\nprotocols: {p: {source: visa}}\nmethods: {}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml: protocol 'p' needs both `source` and `target`"):
         main(["run", str(path)])
+    path.write_text(
+        "name: x\nmetrics: [pixel_auroc]\nprotocols: {p: {dataset: gogan}}\n"
+        "methods: {pc: {configs: {p: x.yaml}, per_category: true}}\n"
+    )
+    with pytest.raises(SystemExit, match=r"methods.pc runs once per category .* list no `categories`"):
+        main(["run", str(path)])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["run", str(tmp_path / "absent.yaml")])
 

@@ -250,15 +250,16 @@ def config_hash(spec: ExperimentSpec, cell: Cell, argv: Sequence[str], categorie
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def is_finished(directory: Path, digest: str) -> bool:
-    """A cell is done when its ``results/metrics.json`` exists and ``cell.json`` carries the same config hash."""
-    record = directory / "cell.json"
-    if not (directory / "results" / "metrics.json").is_file() or not record.is_file():
-        return False
+def _same_digest(directory: Path, digest: str) -> bool:
     try:
-        return json.loads(record.read_text()).get("config_hash") == digest
+        return json.loads((directory / "cell.json").read_text()).get("config_hash") == digest
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def is_finished(directory: Path, digest: str) -> bool:
+    """A cell is done when its ``results/metrics.json`` exists and ``cell.json`` carries the same config hash."""
+    return (directory / "results" / "metrics.json").is_file() and _same_digest(directory, digest)
 
 
 def _run_in_process(argv: list[str]) -> None:
@@ -358,11 +359,6 @@ def _run_all(
         if cell.method.per_category:
             dataset = smoke_datasets(cell)[1]
             categories = smoke_categories(spec, dataset) if smoke else list(cell.protocol.categories)
-            if not categories:
-                raise ValueError(
-                    f"{spec.path}: protocol {cell.protocol.key!r} needs `categories` for the "
-                    f"per-category method {cell.method.key!r}."
-                )
         else:
             categories = []
         digest = config_hash(spec, cell, argv_template, categories)
@@ -371,6 +367,8 @@ def _run_all(
             print(f"{prefix}: finished earlier, skipped ({directory}/results/metrics.json)", flush=True)  # noqa: T201
             records.append(json.loads((directory / "cell.json").read_text()))
             continue
+        # Categories finished by an interrupted attempt with the same arguments are kept (a 15-category cell resumes).
+        resumable = _same_digest(directory, digest)
         values = {"output": str(output), "cell": str(directory), "smoke_data": str(smoke_root), "seed": str(cell.seed)}
         record: dict[str, Any] = {
             "id": cell.id,
@@ -392,6 +390,10 @@ def _run_all(
         try:
             runs = [(c, directory / "categories" / c) for c in categories] or [(None, directory)]
             for category, run_dir in runs:
+                if category is not None and resumable and (run_dir / "results" / "metrics.json").is_file():
+                    print(f"{prefix}: category {category} finished earlier, kept", flush=True)  # noqa: T201
+                    continue
+                (run_dir / "results" / "metrics.json").unlink(missing_ok=True)
                 argv = [
                     _substitute(a, {**values, "cell": str(run_dir), "category": category or ""}) for a in argv_template
                 ]

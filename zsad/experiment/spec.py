@@ -268,6 +268,13 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             raise SpecError(
                 f"{path}: methods.{key} names unknown protocols {sorted(unknown)}; known: {list(protocols)}."
             )
+        if value.get("per_category") and kind == "metrics":
+            empty = [p for p, protocol in protocols.items() if not protocol.categories]
+            if empty:
+                raise SpecError(
+                    f"{path}: methods.{key} runs once per category (per_category: true), but protocols {empty} list "
+                    "no `categories`; add them (e.g. categories: [nunozumi, tanizumi])."
+                )
         methods[key] = MethodSpec(
             key=key,
             label=str(value.get("label", key)),

@@ -47,3 +47,16 @@ def test_set_overrides_any_init_argument(capsys: pytest.CaptureFixture[str]) -> 
     assert "trainable parameters: 1712\n" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no_such_argument"):
         main([*common, "--set", "no_such_argument=1"])
+
+
+def test_april_gan_row_explains_the_papers_total(capsys: pytest.CaptureFixture[str]) -> None:
+    """APRIL-GAN's count next to the paper's: the official table enlarged at load (+ logit_scale) is spelled out."""
+    result = main([
+        "--config", str(ROOT / "configs/april_gan/visa_to_mvtec.yaml"), "--weights", "random", "--backbone", "tiny",
+        "--image_size", "98", "--batches", "1", "--warmup", "1", "--no_plain_clip",
+    ])
+    out = capsys.readouterr().out
+    assert "trainable parameters: 2112\n" in out  # 4 x Linear(32 -> 16)
+    total = result["total_parameters"]
+    # tiny: 17 native position rows, 50 at 98 px, width 32 -> (50 - 17) x 32 = 1,056 more values in the paper's count.
+    assert f"{total:,} + 1,056 + 1 = {total + 1057:,}" in out

@@ -31,7 +31,10 @@ def test_every_shipped_config_prints_offline(config: Path, capsys: pytest.Captur
         main(["fit", "--config", str(config), "--print_config"])
     assert info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"].startswith("zsad.methods.")
+    model = printed["model"]
+    assert model["class_path"].startswith(("zsad.methods.", "anomalib.models."))
+    if model["class_path"].startswith("anomalib."):  # anomalib's baselines are scored by zsad's exact evaluator
+        assert model["init_args"]["evaluator"]["class_path"] == "zsad.metrics.ZSADEvaluator"
     assert "trainer" in printed and "data" in printed
 
 

@@ -51,6 +51,21 @@ class ZSADCLI(LightningCLI):
             help="After `fit`, run `test` on the datamodule's test split (the cross-dataset target) in the same run.",
         )
 
+    def instantiate_classes(self) -> None:
+        """Check the files anomalib models download (timm weights, EfficientAD's teacher and Imagenette) first.
+
+        Offline, a missing file then fails with one error naming it and its folder (:mod:`zsad.methods.assets`).
+        """
+        from zsad.methods.assets import ensure_model_assets
+
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model = config.get("model") if hasattr(config, "get") else None
+        class_path = getattr(model, "class_path", None)
+        if class_path:
+            init_args = getattr(model, "init_args", None)
+            ensure_model_assets(class_path, vars(init_args) if init_args is not None else {}, self.subcommand == "fit")
+        super().instantiate_classes()
+
     def after_fit(self) -> None:
         """Test on the target split right after training when ``--test_after_fit true``."""
         if self._get(self.config, "test_after_fit", False):

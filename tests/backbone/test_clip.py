@@ -105,6 +105,20 @@ def test_bilinear_and_bicubic_interpolation_both_work_and_differ() -> None:
         create_backbone("tiny", pos_interpolation="nearest")
 
 
+def test_antialiased_position_table_is_april_gans_and_recorded_in_the_identity() -> None:
+    """``pos_antialias=True``: open_clip's resize at load (bicubic, antialias, align_corners=False), CLS row kept."""
+    plain = create_backbone("tiny", image_size=98, load_text=False)
+    antialiased = create_backbone("tiny", image_size=98, load_text=False, pos_antialias=True)
+    table = antialiased.vision.embeddings.position_embedding.weight
+    grid = table[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False, antialias=True)
+    expected = torch.cat([table[:1], expected.permute(0, 2, 3, 1).reshape(49, -1)])
+    torch.testing.assert_close(antialiased.position_embeddings((7, 7)), expected)
+    assert (plain.position_embeddings((7, 7)) - expected).abs().max() > 1e-3  # not transformers' plain bicubic
+    assert antialiased.identity()["pos_antialias"] is True
+    assert "pos_antialias" not in plain.identity()  # identities recorded before the option stay valid
+
+
 def test_vision_only_load_holds_no_text_parameters() -> None:
     vision_only = create_backbone("tiny", load_text=False)
     names = [name for name, _ in vision_only.named_parameters()]

@@ -15,7 +15,7 @@ from zsad.data import Gogan
 @pytest.mark.parametrize(
     ("name", "cls_name"),
     [("learnable_vectors", "LearnableVectors"), ("anomalyclip", "AnomalyCLIP"), ("adaptclip", "AdaptCLIP"),
-     ("clipada", "CLIPADA")],
+     ("clipada", "CLIPADA"), ("april_gan", "APRILGAN")],
 )
 def test_every_method_is_found_by_anomalibs_get_model(name: str, cls_name: str) -> None:
     cls = getattr(zsad.methods, cls_name)

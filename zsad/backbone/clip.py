@@ -149,6 +149,8 @@ class CLIPBackbone(nn.Module):
         text_projection: ``Linear(text width → E)``, or ``None`` with ``text``.
         image_size: Input side the methods feed (e.g. 518); position embeddings are interpolated to it.
         pos_interpolation: ``"bicubic"`` (transformers, APRIL-GAN, AdaCLIP) or ``"bilinear"`` (AnomalyCLIP, AdaptCLIP).
+        pos_antialias: Resize the position table with ``antialias=True`` (APRIL-GAN's open_clip; for bicubic this
+            also changes the upsampling kernel, cubic ``a = -0.5`` instead of ``-0.75``). Default off (transformers).
         name: Where the weights came from (hub id, directory or architecture), kept for checkpoints and caches.
         weights: ``"pretrained"`` or ``"random"``.
     """
@@ -163,6 +165,7 @@ class CLIPBackbone(nn.Module):
         pos_interpolation: Interpolation = "bicubic",
         name: str = "custom",
         weights: Weights = "pretrained",
+        pos_antialias: bool = False,
     ) -> None:
         super().__init__()
         if pos_interpolation not in ("bilinear", "bicubic"):
@@ -174,6 +177,7 @@ class CLIPBackbone(nn.Module):
         self.text_projection = text_projection
         self.image_size = image_size or vision.config.image_size
         self.pos_interpolation = pos_interpolation
+        self.pos_antialias = bool(pos_antialias)
         self.name = name
         self.weights = weights
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
@@ -220,13 +224,16 @@ class CLIPBackbone(nn.Module):
 
     def identity(self) -> dict[str, object]:
         """What determines the backbone's features (for checkpoints and the feature cache)."""
-        return {
+        identity = {
             "name": self.name,
             "weights": self.weights,
             "image_size": self.image_size,
             "pos_interpolation": self.pos_interpolation,
             "hidden_act": self.vision.config.hidden_act,
         }
+        if self.pos_antialias:  # only when set, so identities recorded before the option existed stay equal
+            identity["pos_antialias"] = True
+        return identity
 
     # -- vision -----------------------------------------------------------------------------------------------------
 
@@ -242,7 +249,9 @@ class CLIPBackbone(nn.Module):
         if (side, side) == grid:
             return table
         patches = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patches = F.interpolate(patches.float(), size=grid, mode=self.pos_interpolation, align_corners=False)
+        patches = F.interpolate(
+            patches.float(), size=grid, mode=self.pos_interpolation, align_corners=False, antialias=self.pos_antialias
+        )
         patches = patches.to(table.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
         return torch.cat([table[:1], patches], dim=0)
 
@@ -453,6 +462,7 @@ def create_backbone(
     hidden_act: str | None = None,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    pos_antialias: bool = False,
 ) -> CLIPBackbone:
     """Build the frozen CLIP backbone.
 
@@ -468,6 +478,8 @@ def create_backbone(
             exact GELU).
         attn_implementation: transformers attention back-end for the plain layers (``"sdpa"`` default).
         seed: Seed of random weights.
+        pos_antialias: Resize the position table with antialias (APRIL-GAN's official table; see
+            :class:`CLIPBackbone`).
 
     Returns:
         The frozen :class:`CLIPBackbone` in eval mode.
@@ -505,4 +517,5 @@ def create_backbone(
         pos_interpolation=pos_interpolation,
         name=name,
         weights=weights,
+        pos_antialias=pos_antialias,
     )

@@ -2,8 +2,19 @@
 
 from zsad.methods.adaptclip import AdaptCLIP
 from zsad.methods.anomalyclip import AnomalyCLIP
+from zsad.methods.april_gan import APRILGAN
 from zsad.methods.base import ZSADModule, count_parameters
 from zsad.methods.clip_ada import CLIPADA
 from zsad.methods.learnable_vectors import LearnableVectors
+from zsad.methods.msflow import MSFlow
 
-__all__ = ["AdaptCLIP", "AnomalyCLIP", "CLIPADA", "LearnableVectors", "ZSADModule", "count_parameters"]
+__all__ = [
+    "APRILGAN",
+    "AdaptCLIP",
+    "AnomalyCLIP",
+    "CLIPADA",
+    "LearnableVectors",
+    "MSFlow",
+    "ZSADModule",
+    "count_parameters",
+]

@@ -127,6 +127,10 @@ class ZSADEvaluator(Evaluator):
         mask_threshold: Mask binarisation threshold for ``"native"`` (``None``: the data layer's automatic rule).
         output_dir: Folder of the results files; default ``<trainer.log_dir>/results`` (else under
             ``trainer.default_root_dir``).
+        per_defect_type: Add per category the image AUROC of each defect type (the anomalous images' parent folder,
+            as MVTec AD and Gogan lay them out) against the category's normal images: columns
+            ``image_auroc_<defect>`` in the results files and logged keys; the ``mean`` row averages the
+            categories having that type.
 
     Attributes:
         results: Last computed table ``{category: {metric: value}}`` including the ``"mean"`` row (fractions).
@@ -143,6 +147,7 @@ class ZSADEvaluator(Evaluator):
         output_dir: str | None = None,
         resolution: str = "input",
         mask_threshold: int | None = None,
+        per_defect_type: bool = False,
     ) -> None:
         super().__init__(val_metrics=None, test_metrics=None, compute_on_cpu=False)
         stages = (stages,) if isinstance(stages, str) else tuple(stages)
@@ -161,13 +166,17 @@ class ZSADEvaluator(Evaluator):
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
         self.resolution = resolution
         self.mask_threshold = mask_threshold
-        self.val_state = PerCategoryMetrics(compute_pixel, self.fpr_limit, report_pro_repo)
+        self.per_defect_type = bool(per_defect_type)
+        self.val_state = PerCategoryMetrics(
+            compute_pixel, self.fpr_limit, report_pro_repo, per_defect_type=self.per_defect_type
+        )
         self.test_state = PerCategoryMetrics(
             compute_pixel,
             self.fpr_limit,
             report_pro_repo,
             num_examples=self.save_images,
             curve_points=CURVE_POINTS if self.save_images else 0,
+            per_defect_type=self.per_defect_type,
         )
         self.results: dict[str, dict[str, float]] = {}
         self.results_by_stage: dict[str, dict[str, dict[str, float]]] = {}
@@ -263,7 +272,7 @@ class ZSADEvaluator(Evaluator):
         if not per_category:
             logger.warning("%s: no samples were evaluated", stage)
             return
-        columns = state.columns
+        columns = state.columns + output.get("defect_columns", [])
         table = {**per_category, MEAN_ROW: unweighted_mean(per_category, columns)}
         self.results = table
         self.results_by_stage[stage] = table

@@ -25,6 +25,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,32 @@ from zsad.data.dataclasses import batch_categories
 from zsad.metrics import functional as F
 from zsad.metrics.metric import TypedListStatesMixin
 
-__all__ = ["CATEGORY_BYTES", "PerCategoryMetrics", "metric_columns", "unweighted_mean"]
+__all__ = [
+    "CATEGORY_BYTES",
+    "DEFECT_AUROC_PREFIX",
+    "PerCategoryMetrics",
+    "defect_type",
+    "metric_columns",
+    "unweighted_mean",
+]
 
 logger = logging.getLogger(__name__)
 
 # Category names travel between ranks as fixed-width UTF-8 bytes (tensor states only carry numbers).
 CATEGORY_BYTES = 64
 NO_KEY = -1
+#: Column prefix of the per-defect-type image AUROC: ``image_auroc_<defect folder>``.
+DEFECT_AUROC_PREFIX = "image_auroc_"
+
+
+def defect_type(image_path: str | None) -> str:
+    """The defect type of an image: its parent folder (``<category>/test/<defect>/<name>``, MVTec / Gogan layout).
+
+    ``""`` when the path is unknown.
+    """
+    if not image_path:
+        return ""
+    return Path(str(image_path)).parent.name
 
 
 def metric_columns(compute_pixel: bool = True, report_pro_repo: bool = False) -> list[str]:
@@ -112,6 +132,8 @@ class PerCategoryMetrics(TypedListStatesMixin):
         report_pro_repo: Also compute the repositories' 200-threshold PRO (``pixel_pro_repo``).
         num_examples: Samples per category kept (on this rank) for overlays; anomalous ones first.
         curve_points: Points of the ROC / PRO curves returned per category (0: no curves).
+        per_defect_type: Also compute, per category and defect type (the anomalous images' parent folder), the
+            image AUROC of that type's images against the category's normal images (``image_auroc_<defect>``).
         **kwargs: torchmetrics ``Metric`` arguments.
     """
 
@@ -126,6 +148,7 @@ class PerCategoryMetrics(TypedListStatesMixin):
         report_pro_repo: bool = False,
         num_examples: int = 0,
         curve_points: int = 0,
+        per_defect_type: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,6 +164,9 @@ class PerCategoryMetrics(TypedListStatesMixin):
         self.add_list_state("has_score", (), torch.uint8)
         self.add_list_state("pixel_rank", (), torch.int64)  # -1: no pixels for this sample
         self.add_list_state("pixel_index", (), torch.int64)
+        self.per_defect_type = bool(per_defect_type)
+        if self.per_defect_type:  # defect names travel between ranks like category names
+            self.add_list_state("defect_code", (CATEGORY_BYTES,), torch.uint8)
         self._clear_local()
 
     @property
@@ -236,6 +262,10 @@ class PerCategoryMetrics(TypedListStatesMixin):
         self.has_score.append(torch.full((size,), int(scores is not None), dtype=torch.uint8, device=device))
         self.pixel_rank.append(torch.tensor(pixel_rank, dtype=torch.int64, device=device))
         self.pixel_index.append(torch.tensor(pixel_index, dtype=torch.int64, device=device))
+        if self.per_defect_type:
+            self.defect_code.append(
+                torch.tensor([_encode_category(defect_type(p)) for p in paths], dtype=torch.uint8, device=device)
+            )
 
     def _keep_examples(
         self,
@@ -278,7 +308,9 @@ class PerCategoryMetrics(TypedListStatesMixin):
             ``metrics`` {category: {metric: value}} (no mean; see :func:`unweighted_mean`), ``counts`` {category:
             {"images", "anomalous"}}, ``thresholds`` {category: pixel F1-max threshold}, ``ranges`` {category:
             (min, max) of the maps}, ``curves`` {category: {"image_roc"|"pixel_roc"|"pro": (x, y)}} and
-            ``examples`` {category: [sample dicts]} (this rank's). Every rank returns the same numbers.
+            ``examples`` {category: [sample dicts]} (this rank's); with ``per_defect_type`` also ``defect_columns``
+            (the sorted ``image_auroc_<defect>`` columns present in some category). Every rank returns the same
+            numbers.
         """
         world, rank = _world()
         keys = self.cat_state("sample_key")
@@ -290,12 +322,15 @@ class PerCategoryMetrics(TypedListStatesMixin):
         pixel_index = self.cat_state("pixel_index").numpy()
 
         keep = self._first_occurrences(keys.numpy(), world)
+        defects = _decode_categories(self.cat_state("defect_code")) if self.per_defect_type else None
         out: dict[str, Any] = {k: {} for k in ("metrics", "counts", "thresholds", "ranges", "curves", "examples")}
         for category in sorted(set(categories[keep].tolist())):
             selected = keep & (categories == category)
             row: dict[str, float] = {}
             curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
             self._image_metrics(category, selected, has_score, scores, labels, row, curves)
+            if defects is not None:
+                row.update(self._defect_aurocs(selected & has_score, defects, scores, labels))
             if self.compute_pixel:
                 self._pixel_metrics(category, selected, pixel_rank, pixel_index, rank, out, row, curves)
             out["metrics"][category] = row
@@ -305,7 +340,26 @@ class PerCategoryMetrics(TypedListStatesMixin):
             if category in self._examples:
                 chosen = self._examples[category][1] + self._examples[category][0]
                 out["examples"][category] = chosen[: self.num_examples]
+        if defects is not None:
+            names = {c for row in out["metrics"].values() for c in row if c.startswith(DEFECT_AUROC_PREFIX)}
+            out["defect_columns"] = sorted(names)
         return out
+
+    @staticmethod
+    def _defect_aurocs(
+        usable: np.ndarray, defects: np.ndarray, scores: np.ndarray, labels: np.ndarray
+    ) -> dict[str, float]:
+        """``{image_auroc_<defect>: AUROC}``: each defect type's images against all normal images of the category."""
+        normal = usable & ~labels
+        row = {}
+        for name in sorted(set(defects[usable & labels].tolist())):
+            if not name:
+                continue  # anomalous images without a path: no defect type
+            chosen = normal | (usable & labels & (defects == name))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", F.UndefinedMetricWarning)  # no normal images: NaN in the table
+                row[f"{DEFECT_AUROC_PREFIX}{name}"] = F.SortedScores.from_arrays(scores[chosen], labels[chosen]).auroc()
+        return row
 
     @staticmethod
     def _first_occurrences(keys: np.ndarray, world: int) -> np.ndarray:

@@ -46,7 +46,6 @@ __all__ = ["CellResult", "cell_argv", "cell_dir", "config_hash", "make_smoke_dat
 SMOKE_TRAINER = (
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
     "--trainer.num_sanity_val_steps=0",
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",
@@ -206,7 +205,7 @@ def cell_argv(spec: ExperimentSpec, cell: Cell, smoke: bool, wandb_project: str 
             "--trainer.logger.init_args.name=logs",
         ]
     accepted = _init_args(cell.config)
-    if "feature_cache" in accepted:
+    if "feature_cache" in accepted and cell.method.uses_feature_cache(cell.protocol.key):
         # One store for the whole experiment: its keys hold everything that determines the features (backbone,
         # size, layers, stream, image file), so two cells encoding the same images with the same frozen encoder
         # share the entries and different encoders never collide.

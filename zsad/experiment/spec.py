@@ -21,6 +21,7 @@ A spec is a YAML file (see ``experiments/seed000_table1.yaml``):
         overrides: []                    # extra LightningCLI arguments for every cell of the method
         smoke_overrides: []              # extra arguments in --smoke only (non-CLIP models)
         per_category: false              # one run per category (one-class models such as PatchCore)
+        feature_cache: true              # share <output>/feature_cache (false, or a list of protocols)
         paper: {visa_to_mvtec: {pixel_auroc: 91.1}}
 
 A cell is one (method, protocol, seed); its id ``<method>/<protocol>/seed<seed>`` names its directory
@@ -93,6 +94,11 @@ class MethodSpec:
     per_category: bool = False
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     note: str = ""
+    feature_cache: tuple[str, ...] | None = None
+
+    def uses_feature_cache(self, protocol: str) -> bool:
+        """Whether the shared frozen-feature store serves this protocol's cells (``None``: every protocol)."""
+        return self.feature_cache is None or protocol in self.feature_cache
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,17 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:  # noqa: ANN401
     return tuple(value)
 
 
+def _cache_protocols(value: Any, protocols: dict[str, Protocol], where: str) -> tuple[str, ...] | None:  # noqa: ANN401
+    """``feature_cache: true`` (default) → ``None`` (all), ``false`` → none, a list → those protocols."""
+    if value is True:
+        return None
+    if value is False:
+        return ()
+    if isinstance(value, list) and set(value) <= set(protocols):
+        return tuple(value)
+    raise SpecError(f"{where}.feature_cache must be true, false or a list of protocols, got {value!r}.")
+
+
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and check a spec file.
 
@@ -285,6 +302,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             per_category=bool(value.get("per_category", False)),
             paper={p: {m: float(v) for m, v in (vals or {}).items()} for p, vals in (value.get("paper") or {}).items()},
             note=str(value.get("note", "")),
+            feature_cache=_cache_protocols(value.get("feature_cache", True), protocols, f"{path}: methods.{key}"),
         )
     return ExperimentSpec(
         path=path,

@@ -51,10 +51,37 @@ class ZSADCLI(LightningCLI):
             help="After `fit`, run `test` on the datamodule's test split (the cross-dataset target) in the same run.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` safely and keep the configured model class.
+
+        LightningCLI merges the checkpoint's hyper-parameters into the config, *replacing* a configured model class
+        with the checkpoint's. When the user configured a model and the checkpoint was written by another class,
+        refuse, naming both; with no model configured the checkpoint's class is used (``zsad predict --ckpt_path X``).
+        An unreadable file fails naming the file and the fix instead of ``OSError``/``IndexError``.
+        """
+        from zsad.methods.checkpoint_io import CheckpointError, checkpoint_class_path, read_lightning_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            checkpoint = read_lightning_checkpoint(ckpt_path)
+            theirs = checkpoint_class_path(checkpoint)
+            model = self.config[subcommand].get("model")
+            configured = model.get("class_path") if model is not None and hasattr(model, "get") else None
+            if theirs and configured and not _same_class_path(theirs, configured):
+                msg = (
+                    f"--ckpt_path {ckpt_path!r} was written by {theirs}, but the configured model is {configured}. "
+                    f"Use the checkpoint's own config, pass --model {theirs}, or give no model at all (the model is "
+                    "then rebuilt from the checkpoint's hyper-parameters)."
+                )
+                raise CheckpointError(msg)
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         """Check the files anomalib models download (timm weights, EfficientAD's teacher and Imagenette) first.
 
         Offline, a missing file then fails with one error naming it and its folder (:mod:`zsad.methods.assets`).
+        Afterwards a W&B logger is made unable to prompt or hang (offline without an API key).
         """
         from zsad.methods.assets import ensure_model_assets
 
@@ -65,11 +92,28 @@ class ZSADCLI(LightningCLI):
             init_args = getattr(model, "init_args", None)
             ensure_model_assets(class_path, vars(init_args) if init_args is not None else {}, self.subcommand == "fit")
         super().instantiate_classes()
+        from zsad.wandb_fallback import ensure_wandb_usable
+
+        ensure_wandb_usable(self.trainer.loggers)
 
     def after_fit(self) -> None:
         """Test on the target split right after training when ``--test_after_fit true``."""
         if self._get(self.config, "test_after_fit", False):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)  # the evaluator prints the table
+
+
+def _same_class_path(first: str, second: str) -> bool:
+    """Whether two import paths name the same class (``zsad.methods.X`` re-exports the method modules' classes)."""
+    import importlib
+
+    def resolve(path: str) -> object:
+        module_name, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError):
+            return path
+
+    return first == second or resolve(first) is resolve(second)
 
 
 def _import_plugins() -> None:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zsad.atomic import atomic_path
+from zsad.methods.checkpoint_io import check_finite, read_lightning_checkpoint
 
 FORMAT = "zsad-trainable/1"
 
@@ -69,15 +70,19 @@ def export_checkpoint(ckpt_path: str | Path, output: str | Path, class_path: str
         output: Destination ``.safetensors`` file.
         class_path: Model class when the checkpoint does not record it (runs not started by the CLI).
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # A corrupt/truncated file names itself and the fix; NaN/inf tensors (a diverged run) are never exported.
+    checkpoint = read_lightning_checkpoint(ckpt_path)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     tensors = {k: v for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
     if "zsad_backbone" not in checkpoint:
         msg = f"{ckpt_path} was not written by a zsad method (no `zsad_backbone` entry)."
         raise ValueError(msg)
+    check_finite(tensors, str(ckpt_path))
+    # LightningCLI's short path first (what earlier exports held); zsad's own record covers Engine / Trainer runs.
+    recorded = str(hparams.pop("_class_path", "") or checkpoint.get("zsad_class", ""))
     metadata = {
         "format": FORMAT,
-        "class_path": class_path or str(hparams.pop("_class_path", "")),
+        "class_path": class_path or recorded,
         "backbone": _json(checkpoint["zsad_backbone"]),
         "hparams": _json({k: v for k, v in hparams.items() if not k.startswith("_")}),
         "trainable_parameters": str(sum(v.numel() for v in tensors.values())),
@@ -135,9 +140,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "as metadata). Checkpoints are read with weights_only=True.",
     )
     parser.add_argument("--ckpt_path", default=None, help="Checkpoint of a zsad run (trainable parameters only).")
-    parser.add_argument("--config", default=None,
-                        help="Method config: names the model class for checkpoints that lack it; without "
-                        "--ckpt_path, a freshly built model's parameters are exported.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="Method config: names the model class for checkpoints that lack it; without "
+        "--ckpt_path, a freshly built model's parameters are exported.",
+    )
     parser.add_argument("--output", default="trainable.safetensors", help="Destination file.")
     return parser.parse_args(list(argv))
 

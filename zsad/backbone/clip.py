@@ -382,8 +382,9 @@ class CLIPBackbone(nn.Module):
         Args:
             token_embeddings: ``[P, T, W]`` token embeddings (no position embedding added yet).
             eot_index: ``[P]`` position of the end-of-text token of each prompt (pooling position).
-            deep_prompts: ``{layer: [n, W]}`` with 0-based text-layer indices; before that layer, hidden positions
-                ``1..n`` are replaced by the tensor (AnomalyCLIP's deep prompts; the length stays ``T``).
+            deep_prompts: ``{layer: [n, W] or [P, n, W]}`` with 0-based text-layer indices; before that layer,
+                hidden positions ``1..n`` are replaced by the tensor (AnomalyCLIP's deep prompts; the length stays
+                ``T``). A ``[n, W]`` tensor is shared by all prompts.
 
         Returns:
             ``[P, E]`` projected features.

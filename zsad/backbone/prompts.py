@@ -38,8 +38,10 @@ def run_text_tower(
         text_projection: ``Linear(width → E)``.
         token_embeddings: ``[P, T, W]`` token embeddings, learnable vectors already in place.
         eot_index: ``[P]`` end-of-text positions (OpenAI pooling: argmax of the ids).
-        deep_prompts: ``{layer_index (0-based): [n, W]}``; before that layer hidden positions ``1..n`` are replaced
-            (the sequence length and the EOT position do not change).
+        deep_prompts: ``{layer_index (0-based): [n, W] or [P, n, W]}``; before that layer hidden positions ``1..n``
+            are replaced (the sequence length and the EOT position do not change). A ``[n, W]`` prompt is shared by
+            the ``P`` prompts; a caller that must transform each copy (AnomalyCLIP's per-prompt fp16 cast) passes
+            ``[P, n, W]``.
 
     Returns:
         ``[P, E]`` projected EOT features.
@@ -51,8 +53,10 @@ def run_text_tower(
     for index, layer in enumerate(text.encoder.layers):
         if deep_prompts is not None and index in deep_prompts:
             prompt = deep_prompts[index].to(h.dtype)
-            n = prompt.shape[0]
-            h = torch.cat([h[:, :1], prompt.unsqueeze(0).expand(h.shape[0], -1, -1), h[:, 1 + n :]], dim=1)
+            if prompt.dim() == 2:
+                prompt = prompt.unsqueeze(0).expand(h.shape[0], -1, -1)
+            n = prompt.shape[1]
+            h = torch.cat([h[:, :1], prompt, h[:, 1 + n :]], dim=1)
         h = layer(h, mask)
     h = text.final_layer_norm(h)
     pooled = h[torch.arange(h.shape[0], device=h.device), eot_index.to(h.device)]

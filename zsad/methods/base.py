@@ -9,8 +9,13 @@ plugin registry (``shared/specs/ecosystem.md`` §2). The mixin supplies the ZSAD
   min-max-clamp them with statistics a zero-shot model never saw).
 * Steps: ``training_step`` calls the method's :meth:`ZSADModule.compute_loss`; ``validation_step``/``test_step``/
   ``predict_step`` write ``pred_score`` and ``anomaly_map`` into the batch in place (anomalib's contract).
-* Checkpoints hold the trainable parameters only (kilobytes, not the 1.2 GB frozen CLIP) plus the backbone identity;
-  loading rebuilds the frozen backbone from the hyper-parameters.
+* Checkpoints hold the trainable parameters only (kilobytes, not the 1.2 GB frozen CLIP) plus the backbone identity
+  and the class that wrote them; loading rebuilds the frozen backbone from the hyper-parameters and refuses a
+  checkpoint of another class, or with missing / unexpected trainable keys, naming both classes (only the frozen
+  backbone may be absent). Non-finite trainable tensors are never saved.
+* Reliability callbacks (:mod:`zsad.methods.guards`): training stops at the first non-finite loss or parameter; an
+  unreadable ``ckpt_path`` names the file; W&B logs offline without an API key. Validation/test warn when every
+  score or map is constant (a diverged model: all metrics 50).
 * Frozen-feature cache: a method whose ``compute_loss`` reads features through :meth:`ZSADModule.batch_features`
   sets ``supports_feature_cache = True``; a ``feature_cache`` attribute (the method's ``feature_cache`` argument)
   then attaches :class:`zsad.backbone.cache.FeatureCache`, and training runs over stored encoder features.
@@ -21,18 +26,23 @@ A method defines only its torch model (``self.model``, which owns the :class:`~z
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from anomalib import LearningType
 from anomalib.data import InferenceBatch
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from zsad.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPBackbone
+from zsad.methods.checkpoint_io import CheckpointError, checkpoint_class_path, read_lightning_checkpoint
 
 
 def clip_pre_processor(image_size: int) -> PreProcessor:
@@ -41,10 +51,12 @@ def clip_pre_processor(image_size: int) -> PreProcessor:
     Only ``Resize``/``Normalize``/``Compose`` are used, the transforms anomalib 2.7 persists in checkpoints.
     """
     return PreProcessor(
-        transform=Compose([
-            Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC, antialias=True),
-            Normalize(mean=list(OPENAI_CLIP_MEAN), std=list(OPENAI_CLIP_STD)),
-        ]),
+        transform=Compose(
+            [
+                Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+                Normalize(mean=list(OPENAI_CLIP_MEAN), std=list(OPENAI_CLIP_STD)),
+            ]
+        ),
     )
 
 
@@ -71,7 +83,8 @@ class ZSADModule:
     """
 
     model: nn.Module
-    #: Frozen CLIP weights are rebuilt from the hyper-parameters, so checkpoints omit them and loading is not strict.
+    #: Frozen CLIP weights are rebuilt from the hyper-parameters, so checkpoints omit them and Lightning's loading is
+    #: not strict; :meth:`on_load_checkpoint` is strict on the class and the trainable keys instead.
     strict_loading = False
     #: ``compute_loss`` reads frozen features via :meth:`batch_features`, so training can replay cached features.
     supports_feature_cache: bool = False
@@ -137,8 +150,10 @@ class ZSADModule:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
 
     def configure_callbacks(self):  # noqa: ANN201 - Sequence[Callback]
-        """The anomalib component callbacks, plus the feature cache when ``feature_cache`` is set."""
-        callbacks = list(super().configure_callbacks())
+        """The anomalib component callbacks, zsad's guards, plus the feature cache when ``feature_cache`` is set."""
+        from zsad.methods.guards import DivergenceGuard, RunSetupGuard
+
+        callbacks = [*super().configure_callbacks(), RunSetupGuard(), DivergenceGuard()]
         if self.feature_cache:
             from zsad.backbone.cache import FeatureCache
 
@@ -166,6 +181,8 @@ class ZSADModule:
         """Compute and log the loss."""
         out = self.compute_loss(batch)
         terms = out if isinstance(out, dict) else {"loss": out}
+        # What DivergenceGuard names when the loss is not finite.
+        self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         batch_size = _batch_size(batch)
         for name, value in terms.items():
             key = "train_loss" if name == "loss" else f"train/{name}"
@@ -179,6 +196,7 @@ class ZSADModule:
     def _infer(self, batch: Any) -> Any:  # noqa: ANN401
         predictions = self.predict_batch(batch)
         fields = {k: v for k, v in predictions._asdict().items() if v is not None}
+        self._track_output_range(fields)
         # In place: anomalib's evaluator and visualiser read this very batch object.
         return batch.update(**fields)
 
@@ -194,12 +212,174 @@ class ZSADModule:
         """Score the batch for ``zsad predict``."""
         return self._infer(batch)
 
+    # -- constant outputs -------------------------------------------------------------------------------------------
+
+    def _track_output_range(self, fields: Mapping[str, Any]) -> None:
+        # Min / max / non-finite count of the scores and maps of the current evaluation epoch (a few reductions).
+        ranges = self.__dict__.setdefault("_output_ranges", {})
+        for name in ("pred_score", "anomaly_map"):
+            value = fields.get(name)
+            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+                continue
+            value = value.detach().float()
+            finite = torch.isfinite(value)
+            nonfinite = int((~finite).sum())
+            values = value[finite]
+            low, high, count = ranges.get(name, (float("inf"), float("-inf"), 0))
+            if values.numel():
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+            ranges[name] = (low, high, count + nonfinite)
+
+    def _warn_constant_outputs(self, stage: str) -> None:
+        ranges = self.__dict__.pop("_output_ranges", {})
+        problems = []
+        for name, (low, high, nonfinite) in ranges.items():
+            if nonfinite:
+                problems.append(f"{nonfinite} non-finite values in {name}")
+            elif low == high:
+                problems.append(f"every {name} equals {low:.6g}")
+        if problems:
+            rank_zero_warn(
+                f"{type(self).__name__} {stage}: {'; '.join(problems)}. The model cannot rank anything (every AUROC "
+                "and AP is chance level, 50.0): the checkpoint probably diverged during training (lr too high, fp16 "
+                "overflow) or the weights are not the trained ones. Retrain with a lower lr or check --ckpt_path.",
+                category=UserWarning,
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the output-range statistics."""
+        super().on_validation_epoch_start()
+        self.__dict__.pop("_output_ranges", None)
+
+    def on_validation_epoch_end(self) -> None:
+        """Warn when every score or map was constant or non-finite."""
+        super().on_validation_epoch_end()
+        self._warn_constant_outputs("validation")
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the output-range statistics."""
+        super().on_test_epoch_start()
+        self.__dict__.pop("_output_ranges", None)
+
+    def on_test_epoch_end(self) -> None:
+        """Warn when every score or map was constant or non-finite."""
+        super().on_test_epoch_end()
+        self._warn_constant_outputs("test")
+
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
+    def class_path(self) -> str:
+        """Import path of this model's class, as stored in its checkpoints (``zsad_class``)."""
+        cls = type(self)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen backbone from the checkpoint and record what it was."""
+        """Drop the frozen backbone from the checkpoint, record what it was and which class wrote it.
+
+        Raises:
+            CheckpointError: A trainable tensor is NaN/inf: a diverged state is never written as a checkpoint.
+        """
         super().on_save_checkpoint(checkpoint)
         prefixes = tuple(self._frozen_prefixes())
         state = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        bad = [
+            k
+            for k, v in checkpoint["state_dict"].items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:
+            msg = (
+                f"Refusing to save a checkpoint of {type(self).__name__} with non-finite values in {sorted(bad)[:4]}: "
+                "training diverged (lr too high, fp16 overflow or bad input). The previous checkpoint is kept."
+            )
+            raise CheckpointError(msg)
         checkpoint["zsad_backbone"] = self.backbone.identity()
+        checkpoint["zsad_class"] = self.class_path()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another class or with missing / unexpected trainable keys (naming both classes).
+
+        ``strict_loading`` is off only because the frozen backbone is not stored; everything else must match.
+        """
+        super().on_load_checkpoint(checkpoint)
+        trainer = getattr(self, "_trainer", None)
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        self.check_checkpoint_fits(checkpoint, f"The checkpoint {str(path)!r}" if path else "The checkpoint")
+
+    def check_checkpoint_fits(self, checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> None:
+        """Raise :class:`CheckpointError` unless ``checkpoint`` was written by this class with these trainable keys.
+
+        Args:
+            checkpoint: A loaded Lightning checkpoint.
+            source: How to name it in the message (e.g. the file).
+        """
+        theirs = checkpoint_class_path(checkpoint)
+        ours = type(self)
+        if theirs is not None and not _same_class(theirs, ours):
+            msg = (
+                f"{source} was written by {theirs}, but the model is {self.class_path()}. Load it with "
+                f"{theirs.rsplit('.', 1)[-1]} (from the CLI: drop --model, or pass --model {theirs}), or pass a "
+                f"checkpoint of {ours.__name__}."
+            )
+            raise CheckpointError(msg)
+        state = checkpoint.get("state_dict") or {}
+        prefixes = tuple(self._frozen_prefixes())
+        own_state = self.state_dict()
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        missing = sorted(k for k in trainable if k not in state)
+        unexpected = sorted(k for k in state if k not in own_state and not k.startswith(prefixes))
+        mismatched = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own_state[k].shape)}"
+            for k, v in state.items()
+            if k in own_state and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own_state[k].shape)
+        ]
+        if mismatched:
+            msg = (
+                f"{source} (written by {theirs or 'an unrecorded class'}) has other shapes than this "
+                f"{type(self).__name__} (checkpoint vs model): {mismatched[:6]}. It was trained with other settings "
+                "(layers, n_ctx, backbone, ...): use the checkpoint's own config."
+            )
+            raise CheckpointError(msg)
+        if missing or unexpected:
+            written_by = theirs or "an unrecorded class"
+            msg = (
+                f"{source} (written by {written_by}) does not fit {self.class_path()}: missing trainable keys "
+                f"{missing[:6]}, unexpected keys {unexpected[:6]}. It belongs to another method or other settings "
+                "(layers, n_ctx, ...): pass the checkpoint's own config, or drop --model so the CLI rebuilds the model "
+                "from the checkpoint's hyper-parameters."
+            )
+            raise CheckpointError(msg)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``, refusing unreadable files and checkpoints of another class.
+
+        Raises:
+            CheckpointError: The file is unreadable (the message names it and the fix), was written by another class
+                (both named), or its trainable keys do not fit.
+        """
+        if isinstance(checkpoint_path, str | os.PathLike):
+            checkpoint = read_lightning_checkpoint(checkpoint_path)  # kilobytes: read once more for clear errors
+            theirs = checkpoint_class_path(checkpoint)
+            if theirs is not None and not _same_class(theirs, cls):
+                msg = (
+                    f"{str(checkpoint_path)!r} was written by {theirs}, not {cls.__module__}.{cls.__qualname__}: "
+                    f"load it with {theirs.rsplit('.', 1)[-1]}.load_from_checkpoint."
+                )
+                raise CheckpointError(msg)
+        with warnings.catch_warnings():
+            # The frozen backbone is rebuilt, never stored: Lightning's non-strict loading would list every one of its
+            # keys as missing. on_load_checkpoint has already checked that every trainable key is there.
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+def _same_class(path: str, cls: type) -> bool:
+    """Whether the import path ``path`` names ``cls`` (re-exports such as ``zsad.methods.X`` included)."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return name == cls.__name__
+    return found is cls

@@ -145,3 +145,41 @@ def test_layout_errors_are_reported(backbone) -> None:
     # Another backbone width: shapes do not fit.
     with pytest.raises(OfficialCheckpointError, match="shapes"):
         load_official_checkpoint(model, official_state(backbone, mid=64))
+
+
+def test_unreadable_or_foreign_files_name_the_file(backbone, tmp_path) -> None:
+    """Issue 15 (6c): a bare tensor, non-dict groups, garbage or NaN adapters gave torch errors without the file."""
+    model = AdaptCLIPModel(backbone)
+    state = official_state(backbone)
+    cases = {
+        "tensor.pth": (lambda p: torch.save(torch.zeros(3), p), "holds a Tensor"),
+        "groups.pth": (lambda p: torch.save({g: torch.zeros(2) for g in state}, p), "'textual_learner' is a Tensor"),
+        "garbage.pth": (lambda p: p.write_bytes(b"\x00not a checkpoint" * 10), "truncated or corrupt"),
+        "nan.pth": (
+            lambda p: torch.save(
+                {
+                    **state,
+                    "pq_learner": {
+                        **state["pq_learner"],
+                        "sharebn.0.weight": torch.full(state["pq_learner"]["sharebn.0.weight"].shape, float("nan")),
+                    },
+                },
+                p,
+            ),
+            "non-finite",
+        ),
+    }
+    for name, (write, reason) in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(OfficialCheckpointError, match=reason) as error:
+            load_official_checkpoint(model, path)
+        assert name in str(error.value)
+    # A truncated real checkpoint.
+    good = tmp_path / "epoch_15.pth"
+    torch.save(state, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(OfficialCheckpointError, match=r"truncated\.pth.*truncated or corrupt"):
+        load_official_checkpoint(model, truncated)
+    load_official_checkpoint(model, good)  # the intact file still loads

@@ -44,7 +44,8 @@ def _dice(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)).mean()
 
 
-@pytest.mark.parametrize(("layers", "weight"), [((24,), 4.0), ((6, 12, 18, 24), 1.0)])
+# Issue 15 (6b): the official train.py weights the pixel loss by 4 with any --features_list, also 6/12/18/24.
+@pytest.mark.parametrize(("layers", "weight"), [((24,), 4.0), ((6, 12, 18, 24), 4.0)])
 def test_loss_is_ce_plus_weighted_focal_and_dice(images: torch.Tensor, layers: tuple, weight: float) -> None:
     module = tiny(layers=layers)
     module.train()
@@ -148,6 +149,37 @@ def test_official_checkpoint_mismatches_are_reported(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING):
         module.load_official_checkpoint(other)  # loads, but warns: prompts learnt with another CLIP
     assert any("token_suffix_neg" in r.getMessage() for r in caplog.records)
+
+
+def test_unreadable_or_foreign_official_files_name_the_file(tmp_path: Path) -> None:
+    """Issue 15 (6c): garbage bytes, a saved tensor / list, NaN prompts gave IndexError / AttributeError / silence."""
+    module = tiny()
+    state = official_state_dict(module.model)
+    good = tmp_path / "epoch_15.pth"
+    torch.save({"epoch": 15, "prompt_learner": state}, good)
+    cases = {
+        "garbage.pth": (lambda p: p.write_bytes(b"\x80\x02garbage" * 50), "truncated or corrupt"),
+        "truncated.pth": (lambda p: p.write_bytes(good.read_bytes()[:-300]), "truncated or corrupt"),
+        "tensor.pth": (lambda p: torch.save(torch.zeros(4, 32), p), "holds a Tensor"),
+        "list.pth": (lambda p: torch.save([torch.zeros(1)], p), "holds a list"),
+        "no_tensors.pth": (lambda p: torch.save({"epoch": 15}, p), "holds no tensors"),
+        "nan.pth": (
+            lambda p: torch.save({"prompt_learner": {**state, "ctx_neg": state["ctx_neg"] * float("nan")}}, p),
+            r"non-finite.*ctx_neg",
+        ),
+        "other_model.pth": (lambda p: torch.save({"weight": torch.zeros(2)}, p), "unknown keys"),
+    }
+    before = [p.detach().clone() for p in module.model.prompt_parameters()]
+    for name, (write, reason) in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(OfficialCheckpointError, match=reason) as error:
+            AnomalyCLIP.from_official_checkpoint(path, backbone="tiny", weights="random", image_size=SIZE)
+        assert name in str(error.value)
+        with pytest.raises(OfficialCheckpointError):
+            module.load_official_checkpoint(path)
+    for old, new in zip(before, module.model.prompt_parameters(), strict=True):
+        assert torch.equal(old, new)  # a refused file changes nothing
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -306,3 +306,43 @@ def test_evaluation_caches_text_features_until_the_prompts_change(monkeypatch: p
     assert len(tower.calls) == 5
     # With gradients recorded for the prompts in eval mode, features are fresh (and differentiable), never cached.
     assert model.text_features().requires_grad
+
+
+def _deep_prompt_grads(model: AnomalyCLIPModel, cast_first: bool, weights: torch.Tensor) -> list[torch.Tensor]:
+    """Deep-prompt gradients of ``Σ weights · text_features`` with the fp16 cast before or after the expansion.
+
+    Official (``AnomalyCLIP_lib``, ``ResidualAttentionBlock_learnable_token``): the fp32 parameter is expanded to
+    the batch of text prompts, *then* ``.half()``; so each prompt's gradient is rounded to fp16, then summed.
+    """
+    token_embedding = model.backbone.text.embeddings.token_embedding
+    normal, abnormal = model.templates
+    prompts = [p.detach().clone().requires_grad_(True) for p in model.deep_prompts]
+    embeddings = torch.cat(
+        [normal.embed(token_embedding, model.ctx_normal.detach()), abnormal.embed(token_embedding, model.ctx_abnormal)]
+    ).detach()
+    deep = {}
+    for index, prompt in enumerate(prompts, start=1):
+        if cast_first:
+            deep[index] = prompt.half().float()  # shared [n, W]: expanded inside the tower, after the cast
+        else:
+            deep[index] = prompt.unsqueeze(0).expand(2, -1, -1).half().float()
+    eot = torch.cat([normal.eot(), abnormal.eot()])
+    features = F.normalize(model.backbone.encode_prompt_embeddings(embeddings, eot, deep_prompts=deep), dim=-1)
+    (features * weights).sum().backward()
+    return [p.grad for p in prompts]
+
+
+def test_deep_prompt_gradients_are_rounded_per_prompt_like_the_official_code() -> None:
+    """Issue 15 (6a): zsad cast before expanding, rounding the *summed* gradient (~5e-4 relative off)."""
+    model = make_model()
+    model.train()
+    weights = torch.randn(2, model.backbone.embed_dim, generator=torch.Generator().manual_seed(0)) * 1e3
+    (model.text_features() * weights).sum().backward()
+    ours = [p.grad for p in model.deep_prompts]
+    official = _deep_prompt_grads(model, cast_first=False, weights=weights)
+    cast_first = _deep_prompt_grads(model, cast_first=True, weights=weights)
+    for a, b in zip(ours, official, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # The comparison can fail: the other order really gives other gradients.
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(cast_first, official, strict=True))
+    assert worst > 1e-5

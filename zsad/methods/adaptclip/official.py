@@ -29,6 +29,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from zsad.methods.checkpoint_io import OfficialCheckpointError, check_finite, read_checkpoint_file
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_GROUPS = ("textual_learner", "visual_learner", "pq_learner")
@@ -39,8 +41,11 @@ _TEXT_BUFFERS = tuple(
 )
 
 
-class OfficialCheckpointError(KeyError):
-    """The state dict does not have the official AdaptCLIP layout (or does not fit the model's sizes)."""
+#: ``OfficialCheckpointError`` is zsad's one exception for official-checkpoint imports (``zsad.methods.checkpoint_io``),
+#: re-exported here for ``from zsad.methods.adaptclip import OfficialCheckpointError``.
+__all__ = ["OFFICIAL_GROUPS", "OfficialCheckpointError", "convert_official_state_dict", "load_official_checkpoint"]
+
+_WHAT = "official AdaptCLIP checkpoint (epoch_15.pth of csgaobb/AdaptCLIP)"
 
 
 def _shared_copies(group: Mapping[str, torch.Tensor], prefix: str, target: str) -> dict[str, torch.Tensor]:
@@ -49,6 +54,11 @@ def _shared_copies(group: Mapping[str, torch.Tensor], prefix: str, target: str) 
     for key, value in group.items():
         if not key.startswith(prefix + "."):
             continue
+        if "." not in key[len(prefix) + 1 :]:
+            msg = (
+                f"Unknown key pq_learner.{key} in the official AdaptCLIP checkpoint (expected {prefix}.<layer>.<name>)."
+            )
+            raise OfficialCheckpointError(msg)
         _, rest = key[len(prefix) + 1 :].split(".", 1)
         name = f"{target}.{rest}"
         if name in out and not torch.equal(out[name], value):
@@ -72,8 +82,15 @@ def convert_official_state_dict(official: Mapping[str, Mapping[str, torch.Tensor
     """
     missing = [g for g in OFFICIAL_GROUPS if g not in official]
     if missing:
-        msg = f"Not an official AdaptCLIP checkpoint: missing {missing} (top-level keys {sorted(official)})."
+        msg = f"Not an official AdaptCLIP checkpoint: missing {missing} (top-level keys {sorted(map(str, official))})."
         raise OfficialCheckpointError(msg)
+    for group in OFFICIAL_GROUPS:
+        # Each group is a module's state dict; anything else (a tensor, a list) would fail deep inside torch.
+        value = official[group]
+        if not isinstance(value, Mapping) or not all(isinstance(v, torch.Tensor) for v in value.values()):
+            msg = f"Not an official AdaptCLIP checkpoint: {group!r} is a {type(value).__name__}, not a state dict."
+            raise OfficialCheckpointError(msg)
+        check_finite(value, f"official AdaptCLIP checkpoint group {group!r}")
     text, visual, pq = (official[g] for g in OFFICIAL_GROUPS)
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -151,10 +168,24 @@ def load_official_checkpoint(
         checkpoint: Path of ``epoch_15.pth`` (read with ``weights_only=True``) or the loaded dict.
 
     Raises:
-        OfficialCheckpointError: Layout or shapes do not match.
+        FileNotFoundError: The file does not exist.
+        OfficialCheckpointError: The file is unreadable or not a dict of state dicts, values are NaN/inf, or layout
+            or shapes do not match; with a path, the message names the file.
     """
+    source = None
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        source = repr(str(checkpoint))
+        checkpoint = read_checkpoint_file(checkpoint, _WHAT)
+    try:
+        _load_converted(model, checkpoint)
+    except OfficialCheckpointError as e:
+        if source is None:
+            raise
+        msg = f"{source}: {e}"  # name the file: the layout checks only see the dict
+        raise OfficialCheckpointError(msg) from None
+
+
+def _load_converted(model: nn.Module, checkpoint: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     converted = convert_official_state_dict(checkpoint)
     _check_text_skeleton(model, checkpoint["textual_learner"])
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zsad.methods.checkpoint_io import OfficialCheckpointError, check_finite, read_checkpoint_file
+
 logger = logging.getLogger(__name__)
 
 #: Relative difference above which the checkpoint's frozen token embeddings are taken to come from another CLIP.
@@ -40,8 +42,10 @@ _FROZEN = {
 }
 
 
-class OfficialCheckpointError(ValueError):
-    """The file or state dict is not an AnomalyCLIP prompt learner that fits this model."""
+#: Re-exported: one exception class for every official-checkpoint import (``zsad.methods.checkpoint_io``).
+__all__ = ["OfficialCheckpointError", "check_frozen_parts", "convert_official_state_dict", "read_official_checkpoint"]
+
+_WHAT = "official AnomalyCLIP checkpoint (e.g. 9_12_4_multiscale/epoch_15.pth)"
 
 
 def read_official_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict:
@@ -49,18 +53,25 @@ def read_official_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str
 
     Accepts the training script's ``{"prompt_learner": state_dict, ...}`` or the bare state dict (with or without a
     ``prompt_learner.`` prefix).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        OfficialCheckpointError: The file is unreadable (truncated, garbage), holds something other than a dict (a
+            saved tensor or list), holds no tensors at all, or its tensors hold NaN/inf; the message names the file.
     """
     if isinstance(path_or_state_dict, Mapping):
-        raw = dict(path_or_state_dict)
+        raw, source = dict(path_or_state_dict), "the given AnomalyCLIP state dict"
     else:
         path = Path(path_or_state_dict).expanduser()
-        if not path.is_file():
-            msg = f"Official AnomalyCLIP checkpoint {str(path)!r} not found (e.g. 9_12_4_multiscale/epoch_15.pth)."
-            raise FileNotFoundError(msg)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw, source = dict(read_checkpoint_file(path, _WHAT)), repr(str(path))
     if isinstance(raw.get("prompt_learner"), Mapping):
         raw = dict(raw["prompt_learner"])
-    return {k.removeprefix("prompt_learner."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    state = {str(k).removeprefix("prompt_learner."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        msg = f"{source} holds no tensors (top-level keys {sorted(map(str, raw))[:8]}): it is not an {_WHAT}."
+        raise OfficialCheckpointError(msg)
+    check_finite(state, source)
+    return state
 
 
 def convert_official_state_dict(

@@ -45,8 +45,9 @@ class AnomalyCLIP(ZSADModule, AnomalibModule):
         dpam_start: First DPAM layer (6 = the official ``DPAM_layer=20``: the last 19 of 24 blocks).
         temperature: Fixed logit temperature (0.07).
         sigma: Gaussian sigma of the test maps (4).
-        map_loss_weight: ``λ`` of the pixel terms per map layer. ``None``: 4 with a single layer (the maintainers'
-            2025 fix, layer 24 counted as the four aliased copies it replaces), 1 with several (the paper).
+        map_loss_weight: ``λ`` of the pixel terms per map layer (4: the official ``train.py`` weights the pixel
+            loss by 4 whatever ``features_list`` is, also with ``[6, 12, 18, 24]``). ``None`` means 4 as well
+            (kept for old configs); 1 is the paper's text.
         init_std: Standard deviation of the prompts' initialisation (0.02).
         fp16_deep_prompts: Round deep prompts to float16 before use, like the official code.
         lr: Adam learning rate (1e-3).
@@ -75,7 +76,7 @@ class AnomalyCLIP(ZSADModule, AnomalibModule):
         dpam_start: int = 6,
         temperature: float = 0.07,
         sigma: float = 4.0,
-        map_loss_weight: float | None = None,
+        map_loss_weight: float | None = 4.0,
         init_std: float = 0.02,
         fp16_deep_prompts: bool = True,
         lr: float = 1e-3,
@@ -114,7 +115,7 @@ class AnomalyCLIP(ZSADModule, AnomalibModule):
             fp16_deep_prompts=fp16_deep_prompts,
         )
         if map_loss_weight is None:
-            map_loss_weight = 4.0 if len(self.model.layers) == 1 else 1.0
+            map_loss_weight = 4.0
         self.map_loss_weight = float(map_loss_weight)
         self.feature_cache = feature_cache
         self.focal = FocalLoss()

@@ -41,6 +41,7 @@ from torch import nn
 from zsad.backbone import CLIPBackbone, PromptTemplate, TensorStateCache
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 from zsad.methods.anomalyclip.checkpoint import (
+    OfficialCheckpointError,
     check_frozen_parts,
     convert_official_state_dict,
     read_official_checkpoint,
@@ -67,8 +68,9 @@ class AnomalyCLIPModel(nn.Module):
         temperature: Fixed softmax temperature ``τ`` (0.07; CLIP's learnt logit scale is not used).
         sigma: Gaussian sigma of the test maps (SciPy ``gaussian_filter`` equivalent; 0 disables).
         init_std: Standard deviation of the normal initialisation of every learnable tensor (0.02).
-        fp16_deep_prompts: Round the deep prompts to float16 before use, as the official code does (values only;
-            about 2e-4 on the text features if disabled). Gradients pass through the rounding as in the original.
+        fp16_deep_prompts: Round the deep prompts to float16 before use, as the official code does (about 2e-4 on
+            the text features if disabled). As in the official code the prompts are expanded to both text prompts
+            *before* the cast, so each prompt's gradient is rounded to float16 and then the two are summed.
     """
 
     def __init__(
@@ -145,8 +147,15 @@ class AnomalyCLIPModel(nn.Module):
         )
         eot = torch.cat([normal.eot(), abnormal.eot()])
         deep = {}
+        n_prompts = embeddings.shape[0]
         for index, prompt in enumerate(self.deep_prompts, start=1):  # 0-based text layers 1..depth-1
-            deep[index] = prompt.half().float() if self.fp16_deep_prompts else prompt
+            if self.fp16_deep_prompts:
+                # Official order: expand to both prompts, *then* cast to fp16. The backward of the cast then rounds
+                # each prompt's gradient to fp16 before expand's backward sums them (casting first would round
+                # the sum instead: ~5e-4 relative difference in the deep-prompt gradients).
+                deep[index] = prompt.unsqueeze(0).expand(n_prompts, -1, -1).half().float()
+            else:
+                deep[index] = prompt
         features = self.backbone.encode_prompt_embeddings(embeddings, eot, deep_prompts=deep)
         return F.normalize(features.float(), dim=-1)
 
@@ -184,14 +193,21 @@ class AnomalyCLIPModel(nn.Module):
         ``compound_prompt_projections`` are ignored (:mod:`zsad.methods.anomalyclip.checkpoint`).
         """
         official = read_official_checkpoint(path_or_state_dict)
-        check_frozen_parts(official, self.templates, self.backbone.text.embeddings.token_embedding)
-        converted = convert_official_state_dict(
-            official,
-            n_ctx=self.n_ctx,
-            width=self.backbone.text_width,
-            n_deep=len(self.deep_prompts),
-            deep_prompt_length=self.deep_prompt_length,
-        )
+        try:
+            check_frozen_parts(official, self.templates, self.backbone.text.embeddings.token_embedding)
+            converted = convert_official_state_dict(
+                official,
+                n_ctx=self.n_ctx,
+                width=self.backbone.text_width,
+                n_deep=len(self.deep_prompts),
+                deep_prompt_length=self.deep_prompt_length,
+            )
+        except OfficialCheckpointError as e:
+            # Name the file: the layout checks only see the state dict.
+            if isinstance(path_or_state_dict, Mapping):
+                raise
+            msg = f"{str(path_or_state_dict)!r}: {e}"
+            raise OfficialCheckpointError(msg) from None
         with torch.no_grad():
             for name, value in converted.items():
                 self.get_parameter(name).copy_(value)

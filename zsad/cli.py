@@ -25,6 +25,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "export": "zsad.export:main",
     "demo": "zsad.demo:main",
     "experiment": "zsad.experiment:main",
+    "convert-weights": "zsad.convert_weights:main",
 }
 
 DESCRIPTION = (

@@ -12,8 +12,9 @@ from zsad.backbone.clip import (
     list_architectures,
 )
 from zsad.backbone.dpam import vv_attention_block
-from zsad.backbone.prompts import PromptTemplate, TensorStateCache, run_text_tower
+from zsad.backbone.prompts import PromptTemplate, TensorStateCache, run_text_layers, run_text_tower
 from zsad.backbone.tokenizer import CLIPBPETokenizer, get_tokenizer
+from zsad.backbone.visual_prompts import encode_image_with_prompts
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -29,6 +30,8 @@ __all__ = [
     "create_backbone",
     "get_tokenizer",
     "list_architectures",
+    "encode_image_with_prompts",
+    "run_text_layers",
     "run_text_tower",
     "vv_attention_block",
 ]

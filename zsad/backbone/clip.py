@@ -441,6 +441,11 @@ def _from_pretrained(name: str, load_text: bool, attn_implementation: str, overr
         kwargs["local_files_only"] = True
     elif offline:
         kwargs["local_files_only"] = True
+    from transformers.utils import logging as hf_logging
+
+    # Each tower loads from the full CLIPModel checkpoint: silence the report listing the other tower's keys.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         vis = CLIPVisionModelWithProjection.from_pretrained(name, **kwargs)
         text = text_projection = None
@@ -451,6 +456,8 @@ def _from_pretrained(name: str, load_text: bool, attn_implementation: str, overr
         if isinstance(err, ValueError) and "offline" not in str(err).lower() and "connect" not in str(err).lower():
             raise
         raise BackboneWeightsNotFoundError(_weights_help(name)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return vis.vision_model, vis.visual_projection, text, text_projection
 
 

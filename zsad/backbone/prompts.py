@@ -49,8 +49,39 @@ def run_text_tower(
     length = token_embeddings.shape[1]
     positions = text.embeddings.position_embedding.weight[:length]
     h = token_embeddings + positions.to(token_embeddings.dtype)
-    mask = causal_mask(length, h.dtype, h.device)
+    return run_text_layers(text, text_projection, h, eot_index, start=0, deep_prompts=deep_prompts)
+
+
+def run_text_layers(
+    text: nn.Module,
+    text_projection: nn.Module,
+    hidden: torch.Tensor,
+    eot_index: torch.Tensor,
+    start: int = 0,
+    deep_prompts: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run text layers ``start..`` on hidden states (position embeddings included), then pool and project.
+
+    Starting after layer 0 lets a method reuse the output of layers that no learnable tensor reaches (AdaCLIP
+    prompts only from layer 1 on, so layer 0 of its fixed sentences is computed once per class).
+
+    Args:
+        text: transformers ``CLIPTextModel``.
+        text_projection: ``Linear(width → E)``.
+        hidden: ``[P, T, W]`` input of layer ``start``.
+        eot_index: ``[P]`` end-of-text positions.
+        start: 0-based index of the first layer to run.
+        deep_prompts: ``{layer_index (0-based): [n, W] or [P, n, W]}``; before that layer hidden positions ``1..n``
+            are replaced (a 2-D tensor is shared by every prompt, a 3-D one holds one tensor per prompt).
+
+    Returns:
+        ``[P, E]`` projected EOT features.
+    """
+    h = hidden
+    mask = causal_mask(h.shape[1], h.dtype, h.device)
     for index, layer in enumerate(text.encoder.layers):
+        if index < start:
+            continue
         if deep_prompts is not None and index in deep_prompts:
             prompt = deep_prompts[index].to(h.dtype)
             if prompt.dim() == 2:

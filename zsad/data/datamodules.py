@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2 import Resize, Transform
 
 from zsad.data.dataclasses import ZSADBatch
-from zsad.data.dataset import MosaicLabel, ZSADDataset
+from zsad.data.dataset import ConcatZSADDataset, MosaicLabel, ZSADDataset
 from zsad.data.errors import DatasetNotFoundError
 from zsad.data.few_shot import sample_references
 from zsad.data.files import check_samples
@@ -716,6 +716,7 @@ class _PooledDataModule(ZSADDataModule):
         anomalies: PerlinAnomalies | None = None,
         mosaic_probability: float = 0.0,
         mosaic_label: MosaicLabel = "indexed",
+        extra_train_sources: tuple[DataSource, ...] = (),
     ) -> None:
         mode = ValSplitMode(val_split_mode) if val_split_mode else ValSplitMode.NONE
         if mode not in _POOLED_VAL_MODES:
@@ -745,6 +746,7 @@ class _PooledDataModule(ZSADDataModule):
         self.anomalies = anomalies
         self.mosaic_probability = mosaic_probability
         self.mosaic_label = mosaic_label
+        self.extra_train_sources = tuple(extra_train_sources)
         self._categories: dict[str, list[str]] = {}
         # Results are per category inside one run; anomalib's Engine uses this in its result path.
         self.category = ALL_CATEGORIES
@@ -783,6 +785,8 @@ class _PooledDataModule(ZSADDataModule):
         self.train_source.prepare()
         if self.test_source != self.train_source:
             self.test_source.prepare()
+        for source in self.extra_train_sources:
+            source.prepare()
 
     def _setup(self, _stage: str | None = None) -> None:
         self.prepare_data()  # idempotent; covers standalone setup() without a Trainer
@@ -798,6 +802,20 @@ class _PooledDataModule(ZSADDataModule):
             mosaic_probability=self.mosaic_probability,
             mosaic_label=self.mosaic_label,
         )
+        if self.extra_train_sources:
+            # Extra sources (e.g. AdaCLIP's medical set) train with the main one; the mosaic stays with the main one.
+            extras = [
+                self._build_dataset(
+                    extra.spec,
+                    extra.path,
+                    extra.resolve_categories(),
+                    self.train_split,
+                    dataset_name=extra.display_name,
+                    mask_threshold=extra.mask_threshold,
+                )
+                for extra in self.extra_train_sources
+            ]
+            self.train_data = ConcatZSADDataset([self.train_data, *extras])
         self.test_data = self._build_dataset(
             test.spec,
             test.path,
@@ -876,6 +894,8 @@ class CrossDataset(_PooledDataModule):
         check_files: Check every image and mask before training.
         mosaic_probability: APRIL-GAN / AdaCLIP 2x2 same-category mosaic probability (0.2 with MVTec AD as source).
         mosaic_label: ``"indexed"`` (APRIL-GAN: the indexed sample's label) or ``"any"`` (1 if any tile is anomalous).
+        extra_train: More sources whose **same split** joins the training pool, e.g. AdaCLIP's medical set:
+            ``[{dataset: folder, root: /data/colondb, name: colondb}]``. No mosaic on them.
 
     Example:
         YAML (LightningCLI ``data:`` block)::
@@ -906,8 +926,12 @@ class CrossDataset(_PooledDataModule):
         check_files: bool = True,
         mosaic_probability: float = 0.0,
         mosaic_label: MosaicLabel = "indexed",
+        extra_train: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
+            extra_train_sources=tuple(
+                DataSource.parse(extra, f"extra_train[{i}]") for i, extra in enumerate(extra_train or [])
+            ),
             train_source=DataSource.parse(train, "train"),
             train_split="test",
             test_source=DataSource.parse(test, "test"),

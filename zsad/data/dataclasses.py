@@ -28,6 +28,19 @@ class ZSADBatch(ImageBatch):
     item_class: ClassVar[type[ZSADItem]] = ZSADItem
     category: list[str] | None = None
 
+    @classmethod
+    def collate(cls, items: list[ZSADItem]) -> ZSADBatch:  # type: ignore[override]
+        """The anomalib ``collate``, but mask paths survive a batch whose first sample is a normal image.
+
+        anomalib collates only the fields that are set on the *first* item, so a batch starting with a normal
+        image (``mask_path`` ``None``) would drop the mask paths of every anomalous image after it, and
+        native-resolution evaluation (which reads the masks from their files) could not find them.
+        """
+        batch = super().collate(items)
+        if batch.mask_path is None and any(item.mask_path for item in items):
+            batch.mask_path = [item.mask_path for item in items]  # anomalib's validator writes None as "None"
+        return batch
+
 
 def batch_categories(batch: ImageBatch) -> list[str]:
     """Per-sample categories of any anomalib image batch.

@@ -16,11 +16,15 @@ out-of-memory or leaked memory cannot take the rest of a long GPU grid with it.
 ``--smoke`` rewrites every cell generically: the tiny random CLIP at the spec's ``smoke.image_size`` (for models that
 take ``backbone`` / ``weights`` / ``image_size``), generated datasets (``zsad.data.synthetic``) in place of the
 spec's datasets, one epoch with few batches, no pictures; the method's ``smoke_overrides`` adapt models that are not
-CLIP (a small random backbone for PatchCore).
+CLIP (a small random backbone for PatchCore). EfficientAD trains on two downloads (its teacher and Imagenette);
+in smoke mode it gets stand-ins generated under ``<output>/smoke_assets`` (a random teacher with few channels, found
+through ``XDG_CACHE_HOME`` where anomalib looks for the released one, and a folder of noise images), labelled there as
+smoke-only. A real run never sees them and still fails offline with the error naming the files to download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import inspect
@@ -31,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,15 @@ import yaml
 from zsad.atomic import atomic_write_text
 from zsad.experiment.spec import Cell, ExperimentSpec
 
-__all__ = ["CellResult", "cell_argv", "cell_dir", "config_hash", "make_smoke_data", "run_cells"]
+__all__ = [
+    "CellResult",
+    "cell_argv",
+    "cell_dir",
+    "config_hash",
+    "make_smoke_data",
+    "make_smoke_efficientad_assets",
+    "run_cells",
+]
 
 #: Smoke trainer settings: the grid's plumbing in minutes (the numbers mean nothing).
 SMOKE_TRAINER = (
@@ -58,6 +70,18 @@ DEFAULT_SMOKE_DATASETS = {
     "visa": {"generator": "mvtec", "domain": "b", "categories": ["gamma", "delta"]},
     "gogan": {"generator": "gogan"},
 }
+#: EfficientAD's smoke stand-ins: teacher width (the released teacher has 384) and the Imagenette stand-in's folder.
+SMOKE_EFFICIENTAD_CHANNELS = 8
+SMOKE_ASSETS = "smoke_assets"
+_SMOKE_ASSETS_README = """Smoke-only stand-ins written by `zsad experiment run --smoke` for EfficientAD's two downloads.
+They are NOT anomalib's released teacher and NOT Imagenette: numbers computed with them mean nothing.
+  cache/anomalib/pre_trained/efficientad_pretrained_weights/pretrained_teacher_small.pth
+      a randomly initialised {channels}-channel teacher (the smoke cells run with teacher_out_channels={channels}),
+      found by anomalib through XDG_CACHE_HOME=<this folder>/cache, set for the EfficientAD smoke cells only
+  imagenette/noise/*.png
+      random-noise images in an ImageFolder tree, in place of Imagenette's penalty images
+Real runs use ~/.cache/anomalib/pre_trained and the config's imagenet_dir (see configs/efficientad/*.yaml).
+"""
 _PLACEHOLDER = re.compile(r"\{(output|cell|smoke_data|seed|category)\}")
 CellResult = dict[str, Any]
 
@@ -85,6 +109,11 @@ def _model_class(config: Path) -> type | None:
         return getattr(zsad.methods, class_path, None)
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name, None)
+
+
+def _is_efficientad(config: Path) -> bool:
+    cls = _model_class(config)
+    return cls is not None and cls.__name__ == "EfficientAd" and cls.__module__.startswith("anomalib.")
 
 
 def _init_args(config: Path) -> set[str]:
@@ -169,6 +198,65 @@ def make_smoke_data(spec: ExperimentSpec, root: Path, names: Sequence[str]) -> P
     return root
 
 
+def make_smoke_efficientad_assets(root: Path) -> Path:
+    """Write EfficientAD's smoke-only stand-ins under ``root`` once (see ``root/README.txt``); returns the cache root.
+
+    anomalib reads the teacher from ``platformdirs.user_cache_path("anomalib")/pre_trained/...``; the smoke cells
+    point ``XDG_CACHE_HOME`` at ``root/cache`` so the random teacher is found there and the user's real cache is
+    never read or written.
+
+    Raises:
+        RuntimeError: The platform's cache folder does not follow ``XDG_CACHE_HOME`` (macOS, Windows).
+    """
+    import numpy as np
+    import torch
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+    from PIL import Image
+
+    cache = root / "cache"
+    if (root / ".done").exists():
+        return cache
+    with _environment({"XDG_CACHE_HOME": str(cache)}):
+        from anomalib.utils.path import get_pretrained_weights_dir
+
+        weights = get_pretrained_weights_dir() / "efficientad_pretrained_weights"
+    if not weights.resolve().is_relative_to(cache.resolve()):
+        msg = (
+            f"EfficientAD smoke stand-ins: anomalib's cache folder ({weights}) does not follow XDG_CACHE_HOME on this "
+            "platform, so a random teacher cannot be provided without touching the real cache; leave EfficientAD out "
+            "of the smoke run (--methods) or run on Linux."
+        )
+        raise RuntimeError(msg)
+    weights.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher = EfficientAdModel(teacher_out_channels=SMOKE_EFFICIENTAD_CHANNELS, model_size="small").teacher
+    torch.save(teacher.state_dict(), weights / "pretrained_teacher_small.pth")
+    noise = root / "imagenette" / "noise"
+    noise.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(noise / f"{i}.png")
+    (root / "README.txt").write_text(_SMOKE_ASSETS_README.format(channels=SMOKE_EFFICIENTAD_CHANNELS))
+    (root / ".done").write_text("generated by zsad experiment --smoke\n")
+    return cache
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (in-process cells), restoring the previous values after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def cell_argv(spec: ExperimentSpec, cell: Cell, smoke: bool, wandb_project: str | None = None) -> list[str]:
     """The cell's command line with ``{output}``, ``{cell}``, ``{smoke_data}``, ``{category}`` placeholders.
 
@@ -217,6 +305,12 @@ def cell_argv(spec: ExperimentSpec, cell: Cell, smoke: bool, wandb_project: str 
                 argv.append(f"--model.init_args.{key}={value}")
         if "visualizer" in accepted:
             argv.append("--model.init_args.visualizer=false")
+        if _is_efficientad(cell.config):  # the smoke-only stand-ins of make_smoke_efficientad_assets
+            argv += [
+                f"--model.init_args.imagenet_dir={{output}}/{SMOKE_ASSETS}/imagenette",
+                "--model.init_args.model_size=small",
+                f"--model.init_args.teacher_out_channels={SMOKE_EFFICIENTAD_CHANNELS}",
+            ]
         argv += list(SMOKE_TRAINER) + [
             "--model.init_args.evaluator.init_args.save_images=0",
             "--trainer.enable_model_summary=false",
@@ -230,7 +324,7 @@ def cell_argv(spec: ExperimentSpec, cell: Cell, smoke: bool, wandb_project: str 
         else:
             argv.append(f"--data.init_args.root={{smoke_data}}/{target}")
         argv.append("--data.init_args.num_workers=0")
-    if cell.method.per_category:
+    if cell.method.runs_per_category(cell.protocol.key):
         argv.append("--data.init_args.category={category}")
     argv += [*protocol.overrides, *cell.method.overrides]
     if smoke:
@@ -355,7 +449,7 @@ def _run_all(
     for index, cell in enumerate(cells, 1):
         directory = cell_dir(output, cell)
         argv_template = cell_argv(spec, cell, smoke, wandb_project)
-        if cell.method.per_category:
+        if cell.method.runs_per_category(cell.protocol.key):
             dataset = smoke_datasets(cell)[1]
             categories = smoke_categories(spec, dataset) if smoke else list(cell.protocol.categories)
         else:
@@ -387,6 +481,11 @@ def _run_all(
         print(f"{prefix}: running -> {directory}", flush=True)  # noqa: T201
         start = time.perf_counter()
         try:
+            cell_env: dict[str, str] = {}
+            if smoke and spec.kind == "metrics" and _is_efficientad(cell.config):
+                assets = output / SMOKE_ASSETS
+                cell_env["XDG_CACHE_HOME"] = str(make_smoke_efficientad_assets(assets))
+                print(f"{prefix}: smoke-only EfficientAD teacher and Imagenette stand-ins in {assets}", flush=True)  # noqa: T201
             runs = [(c, directory / "categories" / c) for c in categories] or [(None, directory)]
             for category, run_dir in runs:
                 if category is not None and resumable and (run_dir / "results" / "metrics.json").is_file():
@@ -397,9 +496,10 @@ def _run_all(
                     _substitute(a, {**values, "cell": str(run_dir), "category": category or ""}) for a in argv_template
                 ]
                 if isolate:
-                    _run_subprocess(argv, run_dir / "log.txt", env)
+                    _run_subprocess(argv, run_dir / "log.txt", {**env, **cell_env})
                 else:
-                    _run_in_process(argv)
+                    with _environment(cell_env):
+                        _run_in_process(argv)
             if spec.kind == "benchmark":
                 _benchmark_to_metrics(directory)
             elif categories:

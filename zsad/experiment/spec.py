@@ -20,7 +20,8 @@ A spec is a YAML file (see ``experiments/seed000_table1.yaml``):
         configs: {visa_to_mvtec: configs/anomalyclip/visa_to_mvtec.yaml}
         overrides: []                    # extra LightningCLI arguments for every cell of the method
         smoke_overrides: []              # extra arguments in --smoke only (non-CLIP models)
-        per_category: false              # one run per category (one-class models such as PatchCore)
+        per_category: false              # one run per category (one-class models such as PatchCore), or a list
+                                         # of protocols (MuSc: Gogan's data module holds one category per run)
         feature_cache: true              # share <output>/feature_cache (false, or a list of protocols)
         paper: {visa_to_mvtec: {pixel_auroc: 91.1}}
 
@@ -91,10 +92,14 @@ class MethodSpec:
     command: str = "fit"
     overrides: tuple[str, ...] = ()
     smoke_overrides: tuple[str, ...] = ()
-    per_category: bool = False
+    per_category: tuple[str, ...] = ()
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     note: str = ""
     feature_cache: tuple[str, ...] | None = None
+
+    def runs_per_category(self, protocol: str) -> bool:
+        """Whether this protocol's cells run once per category (``--data.init_args.category``) and merge the rows."""
+        return protocol in self.per_category
 
     def uses_feature_cache(self, protocol: str) -> bool:
         """Whether the shared frozen-feature store serves this protocol's cells (``None``: every protocol)."""
@@ -226,6 +231,17 @@ def _cache_protocols(value: Any, protocols: dict[str, Protocol], where: str) -> 
     raise SpecError(f"{where}.feature_cache must be true, false or a list of protocols, got {value!r}.")
 
 
+def _per_category_protocols(value: Any, protocols: dict[str, Protocol], where: str) -> tuple[str, ...]:  # noqa: ANN401
+    """``per_category: false`` (default) → none, ``true`` → every protocol, a list → those protocols."""
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return tuple(protocols)
+    if isinstance(value, list) and set(value) <= set(protocols):
+        return tuple(value)
+    raise SpecError(f"{where}.per_category must be true, false or a list of protocols, got {value!r}.")
+
+
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and check a spec file.
 
@@ -285,11 +301,12 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             raise SpecError(
                 f"{path}: methods.{key} names unknown protocols {sorted(unknown)}; known: {list(protocols)}."
             )
-        if value.get("per_category") and kind == "metrics":
-            empty = [p for p, protocol in protocols.items() if not protocol.categories]
+        per_category = _per_category_protocols(value.get("per_category"), protocols, f"{path}: methods.{key}")
+        if per_category and kind == "metrics":
+            empty = [p for p in per_category if not protocols[p].categories]
             if empty:
                 raise SpecError(
-                    f"{path}: methods.{key} runs once per category (per_category: true), but protocols {empty} list "
+                    f"{path}: methods.{key} runs once per category (per_category), but protocols {empty} list "
                     "no `categories`; add them (e.g. categories: [nunozumi, tanizumi])."
                 )
         methods[key] = MethodSpec(
@@ -299,7 +316,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             command=command,
             overrides=_strings(value.get("overrides"), f"{path}: methods.{key}.overrides"),
             smoke_overrides=_strings(value.get("smoke_overrides"), f"{path}: methods.{key}.smoke_overrides"),
-            per_category=bool(value.get("per_category", False)),
+            per_category=per_category,
             paper={p: {m: float(v) for m, v in (vals or {}).items()} for p, vals in (value.get("paper") or {}).items()},
             note=str(value.get("note", "")),
             feature_cache=_cache_protocols(value.get("feature_cache", True), protocols, f"{path}: methods.{key}"),

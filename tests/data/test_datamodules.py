@@ -148,3 +148,15 @@ def test_gogan_is_accepted_by_anomalibs_config_machinery(gogan_like_root: Path, 
     assert isinstance(datamodule, Gogan) and datamodule.category == "tanizumi"
     _setup(datamodule)
     assert len(datamodule.test_data) == count_images(gogan_like_root / "tanizumi")["test"]
+
+
+def test_a_batch_starting_with_a_normal_image_keeps_the_mask_paths_of_its_defects(tmp_path: Path) -> None:
+    """anomalib collates only the first item's fields; native-resolution scoring still finds every defect's mask."""
+    root = make_gogan_like(tmp_path, categories=("nunozumi",), n_train=1, n_test_good=3, n_test_defect=1, size=32)
+    datamodule = _setup(Gogan(root=root, category="nunozumi", eval_batch_size=4, num_workers=0))
+    batches = list(datamodule.test_dataloader())
+    # Sorted paths: 3 defect folders, good/000 | good/001, good/002, spalling_missing/000.
+    assert not bool(batches[1].gt_label[0]) and bool(batches[1].gt_label[-1])
+    for batch in batches:
+        for path, label in zip(batch.mask_path, batch.gt_label, strict=True):
+            assert (Path(path).is_file() and path.endswith("_mask.png")) if bool(label) else path == "None"

@@ -159,6 +159,20 @@ class ZSADModule:
             f"{total:,} + {extra:,} + 1 = {paper:,}"
         )
 
+    @classmethod
+    def from_official_checkpoint(cls, path_or_state_dict: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Build the method (``kwargs`` = constructor arguments) and load a checkpoint released with the official code.
+
+        Available on methods that define ``load_official_checkpoint(path_or_state_dict)`` (strict key/shape checks,
+        :class:`~zsad.methods.checkpoint_io.OfficialCheckpointError` naming the file on anything malformed).
+        """
+        model = cls(**kwargs)
+        if not hasattr(model, "load_official_checkpoint"):
+            msg = f"{cls.__name__} has no official-checkpoint import."
+            raise TypeError(msg)
+        model.load_official_checkpoint(path_or_state_dict)
+        return model
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimiser updates."""
         return (p for p in self.parameters() if p.requires_grad)

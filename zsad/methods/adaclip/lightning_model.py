@@ -134,17 +134,6 @@ class AdaCLIP(ZSADModule, AnomalibModule):
             for name, value in converted.items():
                 self.model.get_parameter(name).copy_(value)
 
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        **kwargs: Any,  # noqa: ANN401
-    ) -> AdaCLIP:
-        """Build the model (``kwargs`` = constructor arguments) and load an official checkpoint into it."""
-        model = cls(**kwargs)
-        model.load_official_checkpoint(path_or_state_dict)
-        return model
-
     # -- inference --------------------------------------------------------------------------------------------------
 
     def predict_batch(self, batch: Any) -> InferenceBatch:  # noqa: ANN401

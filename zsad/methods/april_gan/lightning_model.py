@@ -124,17 +124,6 @@ class APRILGAN(ZSADModule, AnomalibModule):
         """Load linear heads released with the official code (strict key and shape checks; see the torch model)."""
         self.model.load_official_checkpoint(path_or_state_dict)
 
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        **kwargs: Any,  # noqa: ANN401
-    ) -> APRILGAN:
-        """Build the model (``kwargs`` = constructor arguments) and load official heads into it."""
-        model = cls(**kwargs)
-        model.load_official_checkpoint(path_or_state_dict)
-        return model
-
     # -- training ---------------------------------------------------------------------------------------------------
 
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401

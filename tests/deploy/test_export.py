@@ -140,6 +140,24 @@ def test_cli_refuses_a_category_the_method_does_not_use(tiny_checkpoint: Path, t
         )
 
 
+def test_cli_exports_a_class_aware_checkpoint_for_the_given_category(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning.pytorch import Trainer
+
+    checkpoint = tmp_path / "april_gan.ckpt"
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(_model(APRILGAN))
+    trainer.save_checkpoint(checkpoint)
+    args = [f"--ckpt_path={checkpoint}", "--format=onnx", f"--output={tmp_path / 'model.onnx'}"]
+    with pytest.raises(SystemExit, match="class-aware"):
+        export_main(args)
+    path = export_main([*args, "--category=tanizumi"])
+    metadata = read_metadata(path)
+    assert (metadata["category"], metadata["class_word"]) == ("tanizumi", "concrete block")
+    scores, maps = GraphRunner(path, threads=1)(_images(2).numpy())
+    assert scores.shape == (2,) and maps.shape == (2, 98, 98)
+
+
 def test_openvino_equals_pytorch_and_carries_thresholds(tmp_path: Path) -> None:
     pytest.importorskip("openvino")
     model = _model(LearnableVectors)

@@ -132,11 +132,14 @@ class InferenceGraph(nn.Module):
 
 
 def load_model(ckpt_path: str | Path) -> nn.Module:
-    """Rebuild a model from a zsad checkpoint alone (class from its hyper-parameters, ``weights_only=True``)."""
+    """Rebuild a model from a zsad checkpoint alone (class from its record, ``weights_only=True``)."""
+    from zsad.methods.checkpoint_io import checkpoint_class_path
+
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    # zsad's own record (any Trainer / Engine run of a ZSADModule), else LightningCLI's hyper-parameter.
+    class_path = checkpoint_class_path(checkpoint)
     if not class_path:
-        msg = f"{ckpt_path} does not record its model class (not written by `zsad fit`); cannot rebuild the model."
+        msg = f"{ckpt_path} does not record its model class (not written by zsad); cannot rebuild the model."
         raise ValueError(msg)
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)

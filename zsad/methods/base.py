@@ -93,6 +93,10 @@ class ZSADModule:
     #: Scores depend on other batches (a transductive method): steps only store, and the evaluator takes the scored
     #: batches from ``pop_deferred_predictions(final: bool) -> list[batch]`` (``final`` at epoch end, on every rank).
     defers_predictions: bool = False
+    #: The official code resizes CLIP's position table to the input grid at load (and counts it, plus CLIP's unused
+    #: ``logit_scale``, in its parameter total); zsad interpolates the native table on the fly. ``zsad benchmark``
+    #: then explains the difference (:meth:`table2_note`).
+    official_counts_enlarged_position_table: bool = False
 
     # -- anomalib components ----------------------------------------------------------------------------------------
 
@@ -139,6 +143,35 @@ class ZSADModule:
     def backbone(self) -> CLIPBackbone:
         """The frozen CLIP backbone (owned by the torch model)."""
         return self.model.backbone
+
+    def table2_note(self, trainable: int, total: int) -> str | None:  # noqa: ARG002 - the signature zsad benchmark calls
+        """How the paper's parameter total relates to zsad's ``total`` (``None`` when they count the same)."""
+        if not self.official_counts_enlarged_position_table:
+            return None
+        backbone = self.backbone
+        native = backbone.vision.embeddings.position_embedding.weight.shape[0]
+        side = int(self.hparams.image_size) // backbone.patch_size
+        extra = (side * side + 1 - native) * backbone.width
+        paper = total + extra + 1
+        return (
+            f"the paper's total counts {extra:,} more position-table values ({side * side + 1:,} rows enlarged at "
+            f"load vs the native {native:,}; zsad interpolates them on the fly) and CLIP's unused logit_scale (1): "
+            f"{total:,} + {extra:,} + 1 = {paper:,}"
+        )
+
+    @classmethod
+    def from_official_checkpoint(cls, path_or_state_dict: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Build the method (``kwargs`` = constructor arguments) and load a checkpoint released with the official code.
+
+        Available on methods that define ``load_official_checkpoint(path_or_state_dict)`` (strict key/shape checks,
+        :class:`~zsad.methods.checkpoint_io.OfficialCheckpointError` naming the file on anything malformed).
+        """
+        model = cls(**kwargs)
+        if not hasattr(model, "load_official_checkpoint"):
+            msg = f"{cls.__name__} has no official-checkpoint import."
+            raise TypeError(msg)
+        model.load_official_checkpoint(path_or_state_dict)
+        return model
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimiser updates."""

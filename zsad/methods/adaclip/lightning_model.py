@@ -62,6 +62,9 @@ class AdaCLIP(ZSADModule, AnomalibModule):
         visualizer: anomalib visualizer or flag (off by default).
     """
 
+    #: The paper's 439.4M total counts the official enlarged position table (zsad benchmark explains it).
+    official_counts_enlarged_position_table = True
+
     def __init__(
         self,
         backbone: str = DEFAULT_BACKBONE,
@@ -130,36 +133,6 @@ class AdaCLIP(ZSADModule, AnomalibModule):
         with torch.no_grad():
             for name, value in converted.items():
                 self.model.get_parameter(name).copy_(value)
-
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        **kwargs: Any,  # noqa: ANN401
-    ) -> AdaCLIP:
-        """Build the model (``kwargs`` = constructor arguments) and load an official checkpoint into it."""
-        model = cls(**kwargs)
-        model.load_official_checkpoint(path_or_state_dict)
-        return model
-
-    # -- benchmark --------------------------------------------------------------------------------------------------
-
-    def table2_note(self, trainable: int, total: int) -> str:  # noqa: ARG002 - the signature zsad benchmark calls
-        """Why the seed's Table 2 total (439.4M for ViT-L/14@336 at 518 px) differs from zsad's count.
-
-        The official open_clip model replaces its 577-row position table by the resized 1,370-row table at load and
-        counts CLIP's (unused) ``logit_scale``; zsad keeps the native table and interpolates it on the fly.
-        """
-        backbone = self.backbone
-        native = backbone.vision.embeddings.position_embedding.weight.shape[0]
-        side = int(self.hparams.image_size) // backbone.patch_size
-        extra = (side * side + 1 - native) * backbone.width
-        paper = total + extra + 1
-        return (
-            f"the paper's total counts {extra:,} more position-table values ({side * side + 1:,} rows enlarged at "
-            f"load vs the native {native:,}; zsad interpolates them on the fly) and CLIP's unused logit_scale (1): "
-            f"{total:,} + {extra:,} + 1 = {paper:,}"
-        )
 
     # -- inference --------------------------------------------------------------------------------------------------
 

@@ -31,51 +31,18 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from zsad.backbone import CLIPBackbone, PromptTemplate, TensorStateCache
+from zsad.backbone.ensembles import WINCLIP
 from zsad.methods.anomaly_map import GaussianSmoothing, patches_to_grid, upsample
 
 TEMPERATURE = 0.07
 
-#: WinCLIP-style state words (the class name is always "object") and anomalib's WinCLIP template list, duplicate kept.
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-ABNORMAL_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-TEMPLATES = (
-    "a cropped photo of the {}.",
-    "a close-up photo of a {}.",
-    "a close-up photo of the {}.",
-    "a bright photo of a {}.",
-    "a bright photo of the {}.",
-    "a dark photo of the {}.",
-    "a dark photo of a {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a blurry photo of the {}.",
-    "a blurry photo of a {}.",
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of the small {}.",
-    "a photo of a large {}.",
-    "a photo of the large {}.",
-    "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
-)
-
 
 def static_prompts(class_name: str = "object") -> tuple[list[str], list[str]]:
-    """The fixed ensemble: 7 × 21 = 147 normal and 4 × 21 = 84 abnormal prompts (state-major, as the official code)."""
-    normal = [t.format(s.format(class_name)) for s in NORMAL_STATES for t in TEMPLATES]
-    abnormal = [t.format(s.format(class_name)) for s in ABNORMAL_STATES for t in TEMPLATES]
-    return normal, abnormal
+    """The fixed ensemble: 7 × 21 = 147 normal and 4 × 21 = 84 abnormal prompts (state-major, as the official code).
+
+    AdaptCLIP's visual adapter compares against WinCLIP's prompt ensemble (``zsad.backbone.ensembles.WINCLIP``).
+    """
+    return WINCLIP.sentences(class_name)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -129,17 +129,6 @@ class AnomalyCLIP(ZSADModule, AnomalibModule):
         """Load a prompt learner released with the official code into this model (see :mod:`.checkpoint`)."""
         self.model.load_official_checkpoint(path_or_state_dict)
 
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        **kwargs: Any,  # noqa: ANN401
-    ) -> AnomalyCLIP:
-        """Build the model (``kwargs`` = constructor arguments) and load an official prompt learner into it."""
-        model = cls(**kwargs)
-        model.load_official_checkpoint(path_or_state_dict)
-        return model
-
     # -- training ---------------------------------------------------------------------------------------------------
 
     def loss_from_outputs(self, outputs: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401

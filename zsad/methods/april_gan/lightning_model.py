@@ -64,6 +64,9 @@ class APRILGAN(ZSADModule, AnomalibModule):
         visualizer: anomalib visualizer or flag (off by default).
     """
 
+    #: The paper's 431.9M total counts the official enlarged position table (zsad benchmark explains it).
+    official_counts_enlarged_position_table = True
+
     supports_feature_cache = True
 
     def __init__(
@@ -120,36 +123,6 @@ class APRILGAN(ZSADModule, AnomalibModule):
     def load_official_checkpoint(self, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
         """Load linear heads released with the official code (strict key and shape checks; see the torch model)."""
         self.model.load_official_checkpoint(path_or_state_dict)
-
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
-        **kwargs: Any,  # noqa: ANN401
-    ) -> APRILGAN:
-        """Build the model (``kwargs`` = constructor arguments) and load official heads into it."""
-        model = cls(**kwargs)
-        model.load_official_checkpoint(path_or_state_dict)
-        return model
-
-    # -- benchmark --------------------------------------------------------------------------------------------------
-
-    def table2_note(self, trainable: int, total: int) -> str:  # noqa: ARG002 - the signature zsad benchmark calls
-        """Why the seed's Table 2 total (431.9M for ViT-L/14@336 at 518 px) differs from zsad's count.
-
-        The official open_clip model replaces its 577-row position table by the resized 1,370-row table at load and
-        counts CLIP's (unused) ``logit_scale``; zsad keeps the native table and interpolates it on the fly.
-        """
-        backbone = self.backbone
-        native = backbone.vision.embeddings.position_embedding.weight.shape[0]
-        side = int(self.hparams.image_size) // backbone.patch_size
-        extra = (side * side + 1 - native) * backbone.width
-        paper = total + extra + 1
-        return (
-            f"the paper's total counts {extra:,} more position-table values ({side * side + 1:,} rows enlarged at "
-            f"load vs the native {native:,}; zsad interpolates them on the fly) and CLIP's unused logit_scale (1): "
-            f"{total:,} + {extra:,} + 1 = {paper:,}"
-        )
 
     # -- training ---------------------------------------------------------------------------------------------------
 

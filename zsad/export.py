@@ -11,6 +11,7 @@ Examples:
     zsad export --config configs/learnable_vectors/demo.yaml --output init.safetensors   # a fresh model's parameters
     zsad export --ckpt_path last.ckpt --format onnx --output model.onnx        # whole inference graph (zsad.deploy)
     zsad export --ckpt_path last.ckpt --format openvino --output model.xml
+    zsad export --ckpt_path april_gan.ckpt --format onnx --category bottle   # class-aware: one category's text
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="safetensors: learned parameters only; onnx / openvino: the whole inference graph (image -> score, "
         "map) with the calibrated thresholds in its metadata (needs --ckpt_path and the `deploy` extra).",
     )
+    parser.add_argument(
+        "--category",
+        default=None,
+        help="onnx / openvino of a class-aware method (APRIL-GAN, WinCLIP): the category whose class word the "
+        "prompts use, folded into the graph (an export takes only the image). Recorded in the metadata.",
+    )
     return parser.parse_args(list(argv))
 
 
@@ -167,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(msg)
     if args.format != "safetensors":
         return _export_graph(args)
+    if args.category is not None:
+        raise SystemExit("--category selects the text folded into an onnx / openvino graph; safetensors has none.")
     args.output = args.output or "trainable.safetensors"
     if args.ckpt_path is not None:
         class_path = None
@@ -194,7 +203,10 @@ def _export_graph(args: argparse.Namespace) -> Path:
         msg = f"--format {args.format} exports a trained model: pass --ckpt_path."
         raise SystemExit(msg)
     output = Path(args.output or ("model.onnx" if args.format == "onnx" else "model.xml"))
-    output = export_from_checkpoint(args.ckpt_path, output, args.format)
+    try:
+        output = export_from_checkpoint(args.ckpt_path, output, args.format, category=args.category)
+    except ValueError as err:  # not exportable, or a missing / needless --category: the reason, not a traceback
+        raise SystemExit(f"zsad export: {err}") from err
     metadata = read_metadata(output)
     thresholds = metadata["thresholds"]
     state = "thresholds " + (
@@ -204,7 +216,9 @@ def _export_graph(args: argparse.Namespace) -> Path:
     )
     print(  # noqa: T201
         f"wrote {output} ({args.format}, input image [B,3,{metadata['image_size']},{metadata['image_size']}], "
-        f"{state}) from {args.ckpt_path}",
+        f"{state}"
+        + (f", category {metadata['category']!r} as {metadata['class_word']!r}" if metadata["category"] else "")
+        + f") from {args.ckpt_path}",
     )
     return output
 

@@ -181,6 +181,10 @@ class CLIPBackbone(nn.Module):
         self.name = name
         self.weights = weights
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        # Last resized position table per grid, reused only while tracing an export (zsad.deploy): the table depends
+        # on the weights alone, and antialiased bicubic resizing has no ONNX operator, so the graph holds it as a
+        # constant. The eager forward run just before tracing refreshes it.
+        self._traced_positions: dict[tuple[int, int], torch.Tensor] = {}
         self._tokenizer = None
         self.requires_grad_(False)
         self.eval()
@@ -249,12 +253,18 @@ class CLIPBackbone(nn.Module):
         side = round(int(n_native) ** 0.5)
         if (side, side) == grid:
             return table
+        key = (int(grid[0]), int(grid[1]))  # traced shapes are tensors: plain ints make a usable key
+        if torch.jit.is_tracing() and key in self._traced_positions:
+            return self._traced_positions[key]
         patches = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         patches = F.interpolate(
             patches.float(), size=grid, mode=self.pos_interpolation, align_corners=False, antialias=self.pos_antialias
         )
         patches = patches.to(table.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-        return torch.cat([table[:1], patches], dim=0)
+        resized = torch.cat([table[:1], patches], dim=0)
+        if not torch.jit.is_tracing():
+            self._traced_positions[key] = resized.detach()
+        return resized
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + class + position embeddings followed by ``pre_layrnorm`` (HF ``hidden_states[0]``)."""

@@ -92,7 +92,9 @@ def encode_windows(
     patches = tokens[:, 1:][:, indices.reshape(-1)].reshape(batch, n_windows, size, width)
     cls = tokens[:, :1].unsqueeze(1).expand(batch, n_windows, 1, width)
     sequences = torch.cat([cls, patches], dim=2).reshape(batch * n_windows, size + 1, width)
-    pooled = torch.cat(
-        [run_vision_encoder(backbone, chunk)[:, 0] for chunk in sequences.split(max(1, int(chunk_size)))], dim=0
-    )
+    chunk_size = max(1, int(chunk_size))
+    # No split when everything fits in one call: a traced export (zsad.deploy) then keeps its batch axis dynamic
+    # instead of freezing the chunk sizes seen while tracing.
+    chunks = [sequences] if sequences.shape[0] <= chunk_size else sequences.split(chunk_size)
+    pooled = torch.cat([run_vision_encoder(backbone, chunk)[:, 0] for chunk in chunks], dim=0)
     return backbone.project(pooled).reshape(batch, n_windows, -1)

@@ -94,6 +94,18 @@ def parallel_flow(channels: int, condition_channels: int, blocks: int, clamp: fl
     return flow
 
 
+def _pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``; a plain average pool when the sizes divide (the same windows and values).
+
+    The plain pool is what an ONNX export (``zsad export``) can hold: the exporter cannot write an adaptive pool whose
+    input size is only known at run time (the batch axis stays dynamic).
+    """
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if height % size[0] == 0 and width % size[1] == 0:
+        return F.avg_pool2d(x, (height // size[0], width // size[1]))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 class FusionNet(nn.Module):
     """Cross-scale mixing of the fusion coupling's subnet (``FusionNet(add=True)``).
 
@@ -113,8 +125,8 @@ class FusionNet(nn.Module):
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-scale inputs ``[B, C_s, H_s, W_s]`` → per-scale outputs of the same shapes."""
-        coarsest = xs[-1].shape[-2:]
-        out = torch.cat([F.adaptive_avg_pool2d(x, coarsest) for x in xs], dim=1)
+        coarsest = (int(xs[-1].shape[-2]), int(xs[-1].shape[-1]))
+        out = torch.cat([_pool_to(x, coarsest) for x in xs], dim=1)
         out = self.conv1(out)
         out = F.relu(self.norm(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         out = F.relu(self.conv2(out))

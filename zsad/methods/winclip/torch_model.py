@@ -57,7 +57,8 @@ def harmonic_aggregation(window_scores: torch.Tensor, indices: torch.Tensor, gri
     inverse = (1.0 / window_scores).unsqueeze(-1).expand(-1, -1, indices.shape[1]).reshape(batch, -1)
     flat = indices.reshape(-1).to(window_scores.device)
     # Scatter-add of 1/s over the covered patches (no multiplication, so inf stays inf and never meets a zero).
-    denominator = window_scores.new_zeros(batch, n_patches).index_add_(1, flat, inverse)
+    # scatter_add_ rather than index_add_: ONNX export writes index_add_ as a scatter that drops repeated indices.
+    denominator = window_scores.new_zeros(batch, n_patches).scatter_add_(1, flat.expand(batch, -1), inverse)
     counts = torch.bincount(flat, minlength=n_patches).to(window_scores.dtype)
     return (counts / denominator).nan_to_num(posinf=0.0).reshape(batch, *grid)
 

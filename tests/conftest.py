@@ -4,6 +4,11 @@ hub offline, and session-wide fixtures for the tiny backbone and generated datas
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# Shared helpers at the top of tests/ (``ddp_launch``) importable from every folder, whatever pytest's import mode.
+sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,66 +8,17 @@ scores every image against the same set as one process would.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from ddp_launch import launch_ddp
 from musc_ddp_script import run
 
 SCRIPT = Path(__file__).with_name("musc_ddp_script.py")
-TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ddp(root: Path, out: Path, world_size: int = 2) -> None:
-    """Start every rank at once (``LOCAL_RANK`` set: Lightning creates no processes itself)."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "NODE_RANK": "0",
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[3]), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, str(SCRIPT), "--root", str(root), "--out", str(out), "--devices", str(world_size)]
-    procs = [
-        subprocess.Popen(
-            command,
-            env={**env, "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # own process group, so a hung rank can be killed
-        )
-        for rank in range(world_size)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"DDP run timed out after {TIMEOUT_S}s")
-    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank}:\n{output[-4000:]}"
 
 
 def test_two_process_ddp_equals_single_process(tmp_path: Path, gogan_like_root: Path) -> None:
-    run_ddp(gogan_like_root, tmp_path / "ddp")
+    launch_ddp(SCRIPT, ["--root", str(gogan_like_root), "--out", str(tmp_path / "ddp")])
     model = run(str(gogan_like_root), str(tmp_path / "single"), devices=1)
 
     single = json.loads((tmp_path / "single" / "scores_0.json").read_text())
